@@ -1,0 +1,129 @@
+"""The `conceptevo` command: a thin layer over the Python API."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+
+from .errors import ConceptEvoError
+
+log = logging.getLogger("conceptevo")
+
+
+def _setup_logging(verbose: int) -> None:
+    level = logging.WARNING if verbose < 0 else logging.DEBUG if verbose > 0 else logging.INFO
+    logging.basicConfig(level=level, format="conceptevo: %(message)s", stream=sys.stderr)
+    for noisy in ("numba", "matplotlib", "PIL", "umap"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    t0 = time.perf_counter()
+    ws = run_demo(args.out, quick=args.quick, device=args.device, data_dir=args.data, progress=not args.no_progress)
+    print(ws.summary())
+    print(f"figure: {ws.figures_dir / 'space.png'}")
+    print(f"done in {time.perf_counter() - t0:.0f} s")
+    return 0
+
+
+def cmd_run(args) -> int:
+    from .config import load_config
+    from .pipeline import run_study
+
+    config = load_config(args.config)
+    ws = run_study(config, progress=not args.no_progress, trust=args.trust_checkpoint)
+    print(ws.summary())
+    return 0
+
+
+def cmd_train(args) -> int:
+    from .data import open_dataset
+    from .models import build_model
+    from .models.train import TrainConfig, train
+
+    train_set = open_dataset(args.data, args.data_path, split="train")
+    test_set = open_dataset(args.data, args.data_path, split="test")
+    arch = args.arch
+    if args.no_dropout:
+        if arch != "vgg_like":
+            raise ConceptEvoError("--no-dropout applies to the vgg_like architecture only")
+        arch = "vgg_like_nodropout"
+    model = build_model(arch, in_channels=int(train_set[0][0].shape[0]), num_classes=len(train_set.classes), width=args.width)
+    tc = TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
+                     every_steps=args.every_steps, first_epoch_checkpoints=args.first_epoch_checkpoints,
+                     train_images=args.train_images, device=args.device)
+    cks = train(model, train_set, test_set, args.out, tc, progress=not args.no_progress)
+    for c in cks:
+        print(f"{c.tag:>8}  train top-1 {c.metrics['train_top1']:.3f}  test top-1 {c.metrics['test_top1']:.3f}  {c.path}")
+    return 0
+
+
+def cmd_info(args) -> int:
+    from .workspace import Workspace
+
+    print(Workspace(args.workspace).summary())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="conceptevo", description="How the concepts a CNN detects evolve during training (ConceptEvo).")
+    p.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
+    p.add_argument("-q", "--quiet", action="store_true", help="warnings only")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    d = sub.add_parser("demo", help="train on Fashion-MNIST, build the unified space, write the pictures")
+    d.add_argument("--out", default="demo-out", help="output folder (default: demo-out)")
+    d.add_argument("--quick", action="store_true", help="fewer images and epochs: a smoke test under 2 minutes")
+    d.add_argument("--data", default=None, help="folder of the Fashion-MNIST IDX files (default: the Debian package's)")
+    d.add_argument("--device", default="cpu")
+    d.add_argument("--no-progress", action="store_true")
+    d.set_defaults(fn=cmd_demo)
+
+    r = sub.add_parser("run", help="run a study from a TOML config (reuses finished stages)")
+    r.add_argument("config")
+    r.add_argument("--trust-checkpoint", action="store_true", help="allow checkpoints that need arbitrary code to load")
+    r.add_argument("--no-progress", action="store_true")
+    r.set_defaults(fn=cmd_run)
+
+    t = sub.add_parser("train", help="train a built-in architecture and save checkpoints through training")
+    t.add_argument("--arch", default="vgg_like", help="vgg_like, vgg_like_nodropout, resnet_like, tv:NAME")
+    t.add_argument("--data", default="fashion-mnist", help="fashion-mnist, idx, folder, synthetic")
+    t.add_argument("--data-path", default=None)
+    t.add_argument("--out", required=True, help="folder for the checkpoints")
+    t.add_argument("--epochs", type=float, default=3)
+    t.add_argument("--lr", type=float, default=0.05)
+    t.add_argument("--batch-size", type=int, default=128)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--width", type=int, default=16)
+    t.add_argument("--no-dropout", action="store_true", help="the VGG-like without dropout")
+    t.add_argument("--every-steps", type=int, default=None, help="a checkpoint every N steps (default: fractions of epoch 1, then every epoch)")
+    t.add_argument("--first-epoch-checkpoints", type=int, default=4)
+    t.add_argument("--train-images", type=int, default=None, help="images per epoch (a seeded subset)")
+    t.add_argument("--device", default="cpu")
+    t.add_argument("--no-progress", action="store_true")
+    t.set_defaults(fn=cmd_train)
+
+    i = sub.add_parser("info", help="summarise a workspace")
+    i.add_argument("workspace")
+    i.set_defaults(fn=cmd_info)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(-1 if args.quiet else args.verbose)
+    try:
+        return args.fn(args)
+    except ConceptEvoError as e:
+        print(f"conceptevo: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("conceptevo: interrupted; finished stages are kept, rerun to continue", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

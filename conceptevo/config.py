@@ -1,0 +1,188 @@
+"""Study configuration: small frozen dataclasses per stage, read from TOML.
+
+Unknown or mistyped keys are errors that name the key and suggest the nearest
+valid one.
+"""
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ConceptEvoError, check_positive, suggest
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    kind: str = "fashion-mnist"     # fashion-mnist | idx | folder | synthetic
+    path: str | None = None         # folder for idx / folder data (fashion-mnist: optional)
+    pool: int | None = 5000         # stimulus image pool: a seeded, class-balanced subset; None = all
+    seed: int = 0
+    options: dict = field(default_factory=dict)
+
+    def validate(self):
+        if self.pool is not None:
+            check_positive("data.pool", self.pool, integer=True)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str
+    arch: str                       # built-in name, tv:NAME, or package.module:function
+    checkpoints: Any                # a folder, or a list of files
+    options: dict = field(default_factory=dict)
+
+    def validate(self):
+        if not self.name or any(c in self.name for c in "/\\:") or self.name in (".", ".."):
+            raise ConceptEvoError(f"model name {self.name!r} must be a plain name (letters, digits, '-', '_')")
+
+
+@dataclass(frozen=True)
+class BaseConfig:
+    model: str | None = None        # default: the first model
+    checkpoint: str = "last"        # a checkpoint tag, or "last"
+
+
+@dataclass(frozen=True)
+class StimuliConfig:
+    k: int = 10
+    layers: list | None = None      # module paths or globs; None = every Conv2d
+    batch_size: int = 256
+    device: str = "cpu"
+
+    def validate(self):
+        check_positive("stimuli.k", self.k, integer=True)
+        check_positive("stimuli.batch_size", self.batch_size, integer=True)
+
+
+@dataclass(frozen=True)
+class EmbeddingConfig:
+    dim: int = 30
+    negatives: int = 3
+    lr: float = 0.05
+    epochs: int = 300
+    seed: int = 0
+
+    def validate(self):
+        check_positive("embedding.dim", self.dim, integer=True)
+        check_positive("embedding.lr", self.lr)
+        check_positive("embedding.epochs", self.epochs, integer=True)
+        if isinstance(self.negatives, bool) or not isinstance(self.negatives, int) or self.negatives < 0:
+            raise ConceptEvoError(f"embedding.negatives must be a non-negative integer, got {self.negatives!r}")
+
+
+@dataclass(frozen=True)
+class ImagesConfig:
+    top_responses: int = 10         # base neurons that place an image outside every base stimulus set
+
+    def validate(self):
+        check_positive("images.top_responses", self.top_responses, integer=True)
+
+
+@dataclass(frozen=True)
+class LayoutConfig:
+    n_neighbors: int = 15
+    min_dist: float = 0.1
+    seed: int = 0
+
+    def validate(self):
+        check_positive("layout.n_neighbors", self.n_neighbors, integer=True)
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    out: str
+    data: DataConfig
+    models: list[ModelConfig]
+    base: BaseConfig = BaseConfig()
+    stimuli: StimuliConfig = StimuliConfig()
+    embedding: EmbeddingConfig = EmbeddingConfig()
+    images: ImagesConfig = ImagesConfig()
+    layout: LayoutConfig = LayoutConfig()
+
+    def validate(self) -> "StudyConfig":
+        for part in (self.data, self.stimuli, self.embedding, self.images, self.layout, *self.models):
+            if hasattr(part, "validate"):
+                part.validate()
+        if not self.models:
+            raise ConceptEvoError("the config names no model; add a [[models]] table with name, arch and checkpoints")
+        names = [m.name for m in self.models]
+        if len(set(names)) != len(names):
+            raise ConceptEvoError(f"model names must be unique, got {names}")
+        if self.base.model is not None and self.base.model not in names:
+            raise ConceptEvoError(f"base model {self.base.model!r} is not in the study.{suggest(self.base.model, names)} Models: {', '.join(names)}")
+        return self
+
+    @property
+    def base_model(self) -> str:
+        return self.base.model or self.models[0].name
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict, root: Path | None = None) -> "StudyConfig":
+        d = dict(d)
+        _check_keys("config", d, {f.name for f in dataclasses.fields(cls)} | {"study"})
+        study = d.pop("study", {}) or {}
+        _check_keys("[study]", study, {"out"})
+        out = d.pop("out", None) or study.get("out")
+        if not out:
+            raise ConceptEvoError("the config names no output folder; add [study] out = \"my-study\"")
+        models_raw = d.pop("models", None)
+        if not models_raw:
+            raise ConceptEvoError("the config names no model; add a [[models]] table with name, arch and checkpoints")
+        models = [_build(ModelConfig, m, "[[models]]") for m in models_raw]
+        data = _build(DataConfig, d.pop("data", {}), "[data]")
+        if root is not None:
+            out = str((root / out).resolve()) if not Path(out).is_absolute() else out
+            if data.path and not Path(data.path).is_absolute():
+                data = dataclasses.replace(data, path=str((root / data.path).resolve()))
+            models = [dataclasses.replace(m, checkpoints=_resolve_paths(m.checkpoints, root)) for m in models]
+        sections = {name: _build(typ, d.pop(name, {}) or {}, f"[{name}]") for name, typ in
+                    (("base", BaseConfig), ("stimuli", StimuliConfig), ("embedding", EmbeddingConfig),
+                     ("images", ImagesConfig), ("layout", LayoutConfig))}
+        return cls(out=out, data=data, models=models, **sections).validate()
+
+
+def _resolve_paths(value, root: Path):
+    if isinstance(value, str):
+        return value if Path(value).is_absolute() else str((root / value).resolve())
+    return [_resolve_paths(v, root) for v in value]
+
+
+def _check_keys(where: str, d: dict, valid: set[str]) -> None:
+    if not isinstance(d, dict):
+        raise ConceptEvoError(f"{where} must be a table of keys, got {type(d).__name__}")
+    for key in d:
+        if key not in valid:
+            raise ConceptEvoError(f"unknown key {key!r} in {where}.{suggest(key, valid)} Valid keys: {', '.join(sorted(valid))}")
+
+
+def _build(cls, d: dict, where: str):
+    _check_keys(where, d, {f.name for f in dataclasses.fields(cls)})
+    hints = {f.name: f for f in dataclasses.fields(cls)}
+    missing = [n for n, f in hints.items() if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and n not in d]
+    if missing:
+        raise ConceptEvoError(f"{where} is missing {', '.join(repr(m) for m in missing)}")
+    for key, value in d.items():
+        default = hints[key].default
+        if isinstance(default, bool) != isinstance(value, bool) and default is not dataclasses.MISSING and default is not None:
+            raise ConceptEvoError(f"{where} {key} must be {type(default).__name__}, got {value!r}")
+        if isinstance(default, (int, float)) and not isinstance(default, bool) and not isinstance(value, (int, float)):
+            raise ConceptEvoError(f"{where} {key} must be a number, got {value!r}")
+    return cls(**d)
+
+
+def load_config(path) -> StudyConfig:
+    """Read a study config from a TOML file; relative paths are relative to the file."""
+    path = Path(path)
+    if not path.exists():
+        raise ConceptEvoError(f"config file {path} does not exist; write one (see `conceptevo init-config`) or fix the path")
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ConceptEvoError(f"config file {path} is not valid TOML: {e}") from None
+    return StudyConfig.from_dict(raw, root=path.parent.resolve())

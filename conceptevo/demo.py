@@ -1,0 +1,112 @@
+"""The embedded default study: train three models on Fashion-MNIST and build their unified space.
+
+Trains a VGG-like with dropout, the same without dropout, and a ResNet-like,
+with checkpoints through training (finer in the first epoch), then runs the
+whole pipeline over every checkpoint and writes the space per checkpoint, side
+by side. Falls back to the built-in generated dataset, with a notice, when
+Fashion-MNIST is not installed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from pathlib import Path
+
+from .config import BaseConfig, DataConfig, EmbeddingConfig, ModelConfig, StimuliConfig, StudyConfig
+from .data import find_fashion_mnist, open_dataset
+from .io import read_json
+from .models import build_model
+from .models.train import TrainConfig, train
+from .pipeline import run_study
+
+log = logging.getLogger(__name__)
+
+MODELS = [("vgg", "vgg_like"), ("vgg-nodropout", "vgg_like_nodropout"), ("resnet", "resnet_like")]
+
+
+@dataclasses.dataclass(frozen=True)
+class DemoSettings:
+    epochs: float = 3
+    train_images: int = 20000      # images per training epoch (a seeded subset of the 60,000)
+    first_epoch_checkpoints: int = 4
+    pool: int = 5000               # stimulus image pool
+    embedding_epochs: int = 300
+    width: int = 16
+
+    @classmethod
+    def quick(cls) -> "DemoSettings":
+        return cls(epochs=1, train_images=3000, first_epoch_checkpoints=2, pool=1500, embedding_epochs=100, width=16)
+
+
+def demo_data(data_dir: str | None = None) -> DataConfig:
+    root = data_dir or find_fashion_mnist()
+    if root:
+        return DataConfig(kind="fashion-mnist", path=str(root))
+    log.warning(
+        "Fashion-MNIST not found (install it with `apt-get install dataset-fashion-mnist`); "
+        "the demo uses the built-in generated dataset of known concepts instead"
+    )
+    return DataConfig(kind="synthetic", options={"n": 12000})
+
+
+def run_demo(out="demo-out", quick: bool = False, device: str = "cpu", data_dir: str | None = None, progress: bool = True):
+    """Train, build the unified space, write the pictures; return the workspace."""
+    out = Path(out).resolve()
+    settings = DemoSettings.quick() if quick else DemoSettings()
+    data = demo_data(data_dir)
+    data = dataclasses.replace(data, pool=settings.pool)
+    train_set = open_dataset(data.kind, data.path, split="train", **data.options)
+    test_set = open_dataset(data.kind, data.path, split="test", **data.options)
+    in_ch = int(train_set[0][0].shape[0])
+    models = []
+    for name, arch in MODELS:
+        run_dir = out / "runs" / name
+        tc = TrainConfig(epochs=settings.epochs, lr=0.05, batch_size=128, seed=0, train_images=settings.train_images,
+                         first_epoch_checkpoints=settings.first_epoch_checkpoints, device=device)
+        wanted = {"config": dataclasses.asdict(tc), "arch": arch, "data": dataclasses.asdict(data)}
+        marker = run_dir / "demo-run.json"
+        if not (marker.exists() and read_json(marker) == json.loads(json.dumps(wanted))):
+            model = build_model(arch, in_channels=in_ch, num_classes=len(train_set.classes), width=settings.width)
+            log.info("training %s (%s)", name, arch)
+            train(model, train_set, test_set, run_dir, tc, progress=progress)
+            from .io import write_json
+
+            write_json(marker, wanted)
+        else:
+            log.info("reusing the trained checkpoints in %s", run_dir)
+        models.append(ModelConfig(name=name, arch=arch, checkpoints=str(run_dir), options={"width": settings.width}))
+    config = StudyConfig(
+        out=str(out / "study"), data=data, models=models, base=BaseConfig(model="vgg", checkpoint="last"),
+        stimuli=StimuliConfig(device=device), embedding=EmbeddingConfig(epochs=settings.embedding_epochs),
+    ).validate()
+    _write_config(out / "study.toml", config)
+    return run_study(config, progress=progress)
+
+
+def _write_config(path: Path, config: StudyConfig) -> None:
+    """Save the demo's study config as TOML, so `conceptevo run` can repeat or extend it."""
+    from .io import write_bytes
+
+    def val(v):
+        if isinstance(v, str):
+            return json.dumps(v)
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, (list, tuple)):
+            return "[" + ", ".join(val(x) for x in v) + "]"
+        if isinstance(v, dict):
+            return "{" + ", ".join(f"{k} = {val(x)}" for k, x in v.items()) + "}"
+        return repr(v)
+
+    lines = ["# conceptevo study config (written by `conceptevo demo`)", "[study]", f"out = {val(config.out)}", ""]
+    d = config.to_dict()
+    for section in ("data", "base", "stimuli", "embedding", "images", "layout"):
+        lines.append(f"[{section}]")
+        lines += [f"{k} = {val(v)}" for k, v in d[section].items() if v is not None]
+        lines.append("")
+    for m in d["models"]:
+        lines.append("[[models]]")
+        lines += [f"{k} = {val(v)}" for k, v in m.items()]
+        lines.append("")
+    write_bytes(path, "\n".join(lines).encode())

@@ -1,0 +1,51 @@
+"""Errors that name the problem and the fix.
+
+Every error the library raises on purpose derives from :class:`ConceptEvoError`
+(a ``ValueError``), so the CLI can print its one-line message instead of a
+traceback.
+"""
+from __future__ import annotations
+
+import difflib
+
+
+class ConceptEvoError(ValueError):
+    """A problem with the user's input, stated with the fix."""
+
+
+class LayerNotFoundError(ConceptEvoError):
+    pass
+
+
+class CheckpointError(ConceptEvoError):
+    pass
+
+
+class DatasetError(ConceptEvoError):
+    pass
+
+
+class WorkspaceError(ConceptEvoError):
+    pass
+
+
+def suggest(name: str, options, n: int = 3) -> str:
+    """' Did you mean X?' when a near match exists, else ''."""
+    close = difflib.get_close_matches(str(name), [str(o) for o in options], n=n, cutoff=0.5)
+    if not close:
+        return ""
+    return " Did you mean " + " or ".join(repr(c) for c in close) + "?"
+
+
+def check_positive(name: str, value, integer: bool = False) -> None:
+    """Raise a ConceptEvoError naming ``name`` unless value > 0 (and an int if asked)."""
+    if integer:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConceptEvoError(f"{name} must be a positive integer, got {value!r}")
+    else:
+        try:
+            value = float(value)
+        except (TypeError, ValueError):
+            raise ConceptEvoError(f"{name} must be a positive number, got {value!r}") from None
+    if not value > 0:
+        raise ConceptEvoError(f"{name} must be positive, got {value!r}")

@@ -1,0 +1,174 @@
+"""The whole ConceptEvo pipeline over a workspace, stage by stage, skipping finished stages.
+
+stimuli (every checkpoint) -> base neuron embedding -> image responses -> image
+embedding -> projection (every checkpoint) -> 2-D layout -> figure.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .config import DataConfig, StudyConfig
+from .data import open_dataset, sample_pool
+from .errors import ConceptEvoError, suggest
+from .io import hash_json, save_npy
+from .models import build_model, list_checkpoints, load_checkpoint
+from .models.checkpoints import checkpoint_hash
+from .stimuli import Stimuli, find_stimuli, top_responses
+from .workspace import Workspace, WorkspaceLock
+
+log = logging.getLogger(__name__)
+
+
+def open_study_dataset(data: DataConfig | dict, split: str = "train"):
+    """The dataset a study config names (``split`` 'train' or 'test')."""
+    if isinstance(data, dict):
+        data = data.get("data", data)
+        data = DataConfig(**data)
+    return open_dataset(data.kind, data.path, split=split, **data.options)
+
+
+def study_pool(data: DataConfig):
+    """The stimulus image pool: a seeded, class-balanced subset of the training split."""
+    return sample_pool(open_study_dataset(data, "train"), data.pool, seed=data.seed)
+
+
+def load_model(arch: str, options: dict, checkpoint_path, dataset, trust: bool = False) -> torch.nn.Module:
+    """Build ``arch`` for ``dataset``'s image channels and classes, and load a checkpoint into it."""
+    opts = dict(options)
+    opts.setdefault("in_channels", int(dataset[0][0].shape[0]))
+    opts.setdefault("num_classes", max(len(getattr(dataset, "classes", []) or []), int(np.max(dataset.targets)) + 1))
+    model = build_model(arch, **opts)
+    load_checkpoint(checkpoint_path, model, trust=trust)
+    return model.eval()
+
+
+def run_study(config: StudyConfig, progress: bool = True, trust: bool = False) -> Workspace:
+    """Run every stage of the study that is not already finished; return the workspace."""
+    ws = Workspace(config.out, create=True)
+    with WorkspaceLock(ws.path):
+        return _run(ws, config, progress, trust)
+
+
+def _run(ws: Workspace, config: StudyConfig, progress: bool, trust: bool) -> Workspace:
+    ws.set_config(config.to_dict())
+    pool = study_pool(config.data)
+    data_key = pool.fingerprint()
+    num_images = len(pool.base) if hasattr(pool, "base") else len(pool)
+    log.info("stimulus pool: %d images of %s", len(pool), getattr(pool, "name", "dataset"))
+
+    # checkpoints of every model
+    models: dict[str, dict] = {}
+    for m in config.models:
+        cks = list_checkpoints(m.checkpoints)
+        rows = []
+        for c in cks:
+            d = c.to_dict()
+            d["sha256"] = checkpoint_hash(c.path)
+            rows.append(d)
+        models[m.name] = {"arch": m.arch, "options": m.options, "checkpoints": rows}
+    base_model = config.base_model
+    base_tags = [r["tag"] for r in models[base_model]["checkpoints"]]
+    base_tag = base_tags[-1] if config.base.checkpoint == "last" else config.base.checkpoint
+    if base_tag not in base_tags:
+        raise ConceptEvoError(
+            f"base checkpoint {base_tag!r} is not a checkpoint of {base_model}.{suggest(base_tag, base_tags)} "
+            f"Checkpoints: {', '.join(base_tags)}"
+        )
+    ws.manifest["models"] = models
+    ws.manifest["base"] = {"model": base_model, "tag": base_tag}
+    ws.manifest["data"] = {"fingerprint": data_key, "pool": len(pool), "num_images": num_images}
+    ws._flush()
+
+    # 1. stimuli of every checkpoint
+    sp = config.stimuli
+    stim_keys: dict[tuple[str, str], str] = {}
+    for m in config.models:
+        for row in models[m.name]["checkpoints"]:
+            name = f"stimuli/{m.name}/{row['tag']}"
+            params = {"k": sp.k, "layers": sp.layers}
+            key = hash_json([data_key, row["sha256"], m.arch, m.options, params])
+            stim_keys[(m.name, row["tag"])] = key
+            if ws.is_done(name, key):
+                continue
+            model = load_model(m.arch, m.options, row["path"], pool, trust=trust).to(sp.device)
+            stim = find_stimuli(model, pool, k=sp.k, layers=sp.layers, batch_size=sp.batch_size, device=sp.device,
+                                progress=progress, num_images=num_images, desc=f"stimuli {m.name} {row['tag']}")
+            stim.save(ws.stimuli_dir(m.name, row["tag"]))
+            ws.finish(name, key, params, neurons=len(stim))
+
+    # 2. base neuron embedding
+    from .embedding import embed_images, embed_neurons
+
+    ep = config.embedding
+    base_stim = ws.stimuli(base_model, base_tag, mmap=False)
+    emb_key = hash_json([stim_keys[(base_model, base_tag)], dataclasses.asdict(ep)])
+    if not ws.is_done("embedding/neurons", emb_key):
+        emb = embed_neurons(base_stim, dim=ep.dim, negatives=ep.negatives, lr=ep.lr, epochs=ep.epochs, seed=ep.seed, progress=progress)
+        emb.save(ws.path / "embedding" / "neurons")
+        ws.finish("embedding/neurons", emb_key, dataclasses.asdict(ep), epochs_run=getattr(emb, "epochs_run", None))
+    neuron_emb = ws.neuron_embedding()
+
+    # 3. each pool image's most responsive base neurons (gives images outside the base stimuli a vector)
+    ip = config.images
+    resp_key = hash_json([stim_keys[(base_model, base_tag)], ip.top_responses])
+    resp_path = ws.path / "embedding" / "responses.npy"
+    if not ws.is_done("embedding/responses", resp_key):
+        row = next(r for r in models[base_model]["checkpoints"] if r["tag"] == base_tag)
+        mc = next(m for m in config.models if m.name == base_model)
+        model = load_model(mc.arch, mc.options, row["path"], pool, trust=trust).to(sp.device)
+        resp = top_responses(model, pool, base_stim, top=ip.top_responses, batch_size=sp.batch_size,
+                             device=sp.device, progress=progress, num_images=num_images)
+        save_npy(resp_path, resp)
+        ws.finish("embedding/responses", resp_key, {"top_responses": ip.top_responses})
+    responses = np.load(resp_path)
+
+    # 4. image embedding
+    img_key = hash_json([emb_key, resp_key])
+    if not ws.is_done("embedding/images", img_key):
+        img = embed_images(base_stim, neuron_emb, num_images=num_images, responses=responses, seed=ep.seed)
+        img.save(ws.path / "embedding" / "images")
+        ws.finish("embedding/images", img_key, {}, rmse=float(img.rmse))
+        log.info("image embedding RMSE %.4f", img.rmse)
+    image_emb = ws.image_embedding()
+
+    # 5. projection of every checkpoint
+    from .projection import project
+
+    proj_keys = []
+    for m in config.models:
+        for row in models[m.name]["checkpoints"]:
+            name = f"projection/{m.name}/{row['tag']}"
+            key = hash_json([stim_keys[(m.name, row["tag"])], img_key])
+            proj_keys.append(key)
+            if ws.is_done(name, key):
+                continue
+            vecs = project(ws.stimuli(m.name, row["tag"], mmap=False), image_emb).vectors
+            save_npy(ws.projection_path(m.name, row["tag"]), vecs)
+            ws.finish(name, key)
+
+    # 6. 2-D layout: UMAP fitted on the base embedding, transform for every checkpoint
+    lp = config.layout
+    lay_key = hash_json([emb_key, proj_keys, dataclasses.asdict(lp)])
+    if not ws.is_done("layout", lay_key):
+        from .projection import fit_layout
+
+        layout = fit_layout(neuron_emb.vectors, seed=lp.seed, n_neighbors=lp.n_neighbors, min_dist=lp.min_dist)
+        save_npy(ws.path / "layout" / "base_learned.npy", layout.base_xy)
+        for m in config.models:
+            for row in models[m.name]["checkpoints"]:
+                save_npy(ws.layout_path(m.name, row["tag"]), layout.transform(ws.projection(m.name, row["tag"]).vectors))
+        ws.finish("layout", lay_key, dataclasses.asdict(lp))
+
+    # 7. the picture of the space per checkpoint, side by side
+    from .report import plot_space_grid
+
+    fig_key = hash_json([lay_key])
+    if not ws.is_done("figures/space", fig_key):
+        paths = plot_space_grid(ws, ws.figures_dir / "space.png")
+        ws.finish("figures/space", fig_key, files=[str(Path(p).relative_to(ws.path)) for p in paths])
+    return ws

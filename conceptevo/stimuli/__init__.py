@@ -1,0 +1,245 @@
+"""Stimuli (Algorithm 2): each neuron's top-k images, found in one streaming pass.
+
+A neuron's strength on an image is the maximum of its activation map; its
+stimuli are the k images of largest strength, ties broken by the lower image
+index. Per layer the pass keeps ``[C, k]`` tensors of values, image indices and
+argmax positions, merged with each batch's ``[C, B]`` strengths; activation
+maps are reduced inside the forward hook, so nothing proportional to
+images x neurons x positions is ever held.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..data.loader import iter_batches
+from ..errors import ConceptEvoError, check_positive
+from ..io import load_npy, read_json, save_npy, write_json
+from ..layers import LayerInfo, capture, neuron_ids_of, resolve_layers
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Stimuli:
+    """Top-k images of every neuron of one checkpoint.
+
+    ``indices[n]`` are image indices, strongest first; ``values[n]`` their
+    strengths; ``positions[n]`` the flat argmax position in the neuron's
+    activation map (-1 when unknown), decoded with ``layers``' spatial shapes.
+    """
+
+    neuron_ids: list[str]
+    indices: np.ndarray
+    values: np.ndarray
+    positions: np.ndarray | None = None
+    layers: list[LayerInfo] = field(default_factory=list)
+    num_images: int | None = None
+    mean: np.ndarray | None = None  # per-neuron mean strength over the pool (float32 [N])
+    std: np.ndarray | None = None   # per-neuron strength standard deviation over the pool
+
+    def __post_init__(self):
+        self.indices = np.asarray(self.indices, dtype=np.int64)
+        self.values = np.asarray(self.values, dtype=np.float32)
+        if self.indices.ndim != 2 or self.indices.shape != self.values.shape:
+            raise ConceptEvoError(f"indices and values must both be [neurons, k]; got {self.indices.shape} and {self.values.shape}")
+        if len(self.neuron_ids) != self.indices.shape[0]:
+            raise ConceptEvoError(f"{len(self.neuron_ids)} neuron ids for {self.indices.shape[0]} rows of stimuli")
+        if self.positions is None:
+            self.positions = np.full(self.indices.shape, -1, dtype=np.int64)
+        self.positions = np.asarray(self.positions, dtype=np.int64)
+        if self.num_images is None and self.indices.size:
+            self.num_images = int(self.indices.max()) + 1
+
+    @classmethod
+    def from_arrays(cls, neuron_ids, indices, values, positions=None, num_images=None) -> "Stimuli":
+        """Build from stimuli found elsewhere."""
+        return cls(list(map(str, neuron_ids)), indices, values, positions, num_images=num_images)
+
+    @property
+    def k(self) -> int:
+        return int(self.indices.shape[1])
+
+    def __len__(self) -> int:
+        return len(self.neuron_ids)
+
+    def layer_slices(self) -> dict[str, slice]:
+        out, start = {}, 0
+        for info in self.layers:
+            out[info.name] = slice(start, start + info.channels)
+            start += info.channels
+        return out
+
+    def position_hw(self, row: int, j: int) -> tuple[int, ...]:
+        """The (h, w) of neuron ``row``'s j-th stimulus' argmax."""
+        layer = self.neuron_ids[row].rpartition(":")[0]
+        info = next(i for i in self.layers if i.name == layer)
+        return tuple(int(v) for v in np.unravel_index(int(self.positions[row, j]), info.spatial)) if info.spatial else ()
+
+    def save(self, folder) -> None:
+        folder = Path(folder)
+        save_npy(folder / "indices.npy", self.indices)
+        save_npy(folder / "values.npy", self.values)
+        save_npy(folder / "positions.npy", self.positions)
+        if self.mean is not None:
+            save_npy(folder / "mean.npy", self.mean)
+            save_npy(folder / "std.npy", self.std)
+        write_json(folder / "neurons.json", {
+            "neuron_ids": self.neuron_ids,
+            "layers": [{"name": i.name, "channels": i.channels, "spatial": list(i.spatial)} for i in self.layers],
+            "num_images": self.num_images,
+        })
+
+    @classmethod
+    def load(cls, folder, mmap: bool = False) -> "Stimuli":
+        folder = Path(folder)
+        meta = read_json(folder / "neurons.json")
+        opt = lambda n: load_npy(folder / n, mmap) if (folder / n).exists() else None  # noqa: E731
+        return cls(
+            meta["neuron_ids"], load_npy(folder / "indices.npy", mmap), load_npy(folder / "values.npy", mmap),
+            load_npy(folder / "positions.npy", mmap),
+            layers=[LayerInfo(d["name"], int(d["channels"]), tuple(d["spatial"])) for d in meta["layers"]],
+            num_images=meta.get("num_images"), mean=opt("mean.npy"), std=opt("std.npy"),
+        )
+
+
+def _strength(out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per image and channel: max over the activation map and its flat argmax. ``[B, C]`` each."""
+    if out.dim() == 2:
+        return out, torch.zeros_like(out, dtype=torch.int64)
+    return out.flatten(2).max(dim=2)
+
+
+class _TopK:
+    """Running top-k of one layer: values, indices, positions as ``[C, k]`` tensors on the device."""
+
+    def __init__(self, channels: int, k: int, device):
+        self.v = torch.full((channels, k), -torch.inf, device=device)
+        self.i = torch.full((channels, k), torch.iinfo(torch.int64).max, dtype=torch.int64, device=device)
+        self.p = torch.full((channels, k), -1, dtype=torch.int64, device=device)
+        self.k = k
+        self.sum = torch.zeros(channels, dtype=torch.float64, device=device)
+        self.sumsq = torch.zeros(channels, dtype=torch.float64, device=device)
+        self.finite = torch.ones((), dtype=torch.bool, device=device)
+
+    def update(self, vals: torch.Tensor, pos: torch.Tensor, idx: torch.Tensor, ascending_after: bool) -> None:
+        vals = vals.float()
+        self.finite &= torch.isfinite(vals).all()
+        v64 = vals.double()
+        self.sum += v64.sum(0)
+        self.sumsq += (v64 * v64).sum(0)
+        C, B = vals.shape[1], vals.shape[0]
+        cv = torch.cat([self.v, vals.t()], dim=1)
+        ci = torch.cat([self.i, idx.expand(C, B)], dim=1)
+        cp = torch.cat([self.p, pos.t()], dim=1)
+        if not ascending_after:
+            # put candidates in ascending index order so the stable sort below breaks ties by index
+            order = torch.sort(ci, dim=1, stable=True).indices
+            cv, ci, cp = cv.gather(1, order), ci.gather(1, order), cp.gather(1, order)
+        # stable descending sort: among equal values the earlier (lower-index) candidate wins
+        order = torch.sort(cv, dim=1, descending=True, stable=True).indices[:, : self.k]
+        self.v, self.i, self.p = cv.gather(1, order), ci.gather(1, order), cp.gather(1, order)
+
+
+def find_stimuli(model: nn.Module, dataset, k: int = 10, layers=None, batch_size: int = 256, device="cpu",
+                 progress: bool = True, num_images: int | None = None, desc: str = "stimuli") -> Stimuli:
+    """Top-k stimuli of every neuron of ``layers`` (default: every Conv2d) over ``dataset``.
+
+    ``dataset`` is any torch Dataset returning ``(image, label)`` (index =
+    position) or ``(image, label, index)``. One pass, no gradients.
+    """
+    check_positive("k", k, integer=True)
+    check_positive("batch_size", batch_size, integer=True)
+    n = len(dataset)
+    if n < k:
+        raise ConceptEvoError(f"k={k} is larger than the image pool ({n} images); lower k or use a larger pool")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConceptEvoError("device 'cuda' was asked for but no GPU is available; use --device cpu")
+    names = resolve_layers(model, layers)
+    was_training = model.training
+    model.eval()
+    states: dict[str, _TopK] = {}
+    shapes: dict[str, tuple] = {}
+    max_seen = -1
+    bar = tqdm(total=n, desc=desc, unit="img", disable=not progress, leave=False)
+    try:
+        with torch.inference_mode(), capture(model, names, lambda name, out: (_strength(out), tuple(out.shape[1:]))) as outs:
+            for images, _, idx in iter_batches(dataset, batch_size):
+                idx_host = idx
+                ascending = bool(idx_host[0] > max_seen) and bool((idx_host[1:] > idx_host[:-1]).all())
+                max_seen = max(max_seen, int(idx_host.max()))
+                outs.clear()
+                try:
+                    model(images.to(device, non_blocking=True))
+                except RuntimeError as e:
+                    if states:
+                        raise
+                    raise ConceptEvoError(
+                        f"images of shape {list(images.shape[1:])} cannot go through {type(model).__name__} "
+                        f"({str(e).splitlines()[0][:160]}); give images with the channels and size the model was built for"
+                    ) from None
+                outs.require_all()
+                idx_dev = idx.to(device, non_blocking=True)
+                for name in names:
+                    (vals, pos), shape = outs[name]
+                    if name not in states:
+                        states[name] = _TopK(vals.shape[1], k, device)
+                        shapes[name] = shape
+                    states[name].update(vals, pos, idx_dev, ascending)
+                bar.update(len(idx))
+    finally:
+        bar.close()
+        model.train(was_training)
+    for name in names:
+        if not bool(states[name].finite):
+            raise ConceptEvoError(f"layer {name!r} produced NaN or Inf activations; check the checkpoint's weights and the input scaling")
+    infos = [LayerInfo(name, int(states[name].v.shape[0]), tuple(int(s) for s in shapes[name][1:])) for name in names]
+    cat = lambda attr: torch.cat([getattr(states[nm], attr) for nm in names]).cpu().numpy()  # noqa: E731
+    mean = (cat("sum") / n).astype(np.float32)
+    var = np.maximum(cat("sumsq") / n - (cat("sum") / n) ** 2, 0.0)
+    return Stimuli(neuron_ids_of(infos), cat("i"), cat("v"), cat("p"), layers=infos,
+                   num_images=num_images, mean=mean, std=np.sqrt(var).astype(np.float32))
+
+
+def top_responses(model: nn.Module, dataset, stimuli: Stimuli, top: int = 10, batch_size: int = 256, device="cpu",
+                  progress: bool = True, num_images: int | None = None) -> np.ndarray:
+    """For every image of ``dataset``, its ``top`` most responsive neurons of ``stimuli``' layers.
+
+    Strengths are standardised per neuron with the pool mean and std recorded by
+    :func:`find_stimuli`, so layers of different scale compete fairly. Returns
+    ``int64 [num_images, top]`` rows of neuron positions (rows of images not in
+    ``dataset`` are -1). Used to give every image a vector in the unified space.
+    """
+    if stimuli.mean is None:
+        raise ConceptEvoError("these stimuli carry no strength statistics; recompute them with find_stimuli")
+    names = [i.name for i in stimuli.layers]
+    device = torch.device(device)
+    mean = torch.as_tensor(np.asarray(stimuli.mean), device=device)
+    std = torch.as_tensor(np.maximum(np.asarray(stimuli.std), 1e-6), device=device)
+    total = num_images or stimuli.num_images or len(dataset)
+    out = np.full((total, top), -1, dtype=np.int64)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode(), capture(model, names, lambda name, o: _strength(o)[0]) as outs:
+            for images, _, idx in tqdm(iter_batches(dataset, batch_size), total=-(-len(dataset) // batch_size),
+                                       desc="responses", disable=not progress, leave=False):
+                outs.clear()
+                model(images.to(device))
+                outs.require_all()
+                z = (torch.cat([outs[nm].float() for nm in names], dim=1) - mean) / std
+                out[idx.numpy()] = z.topk(top, dim=1).indices.cpu().numpy()
+    finally:
+        model.train(was_training)
+    return out
+
+
+__all__ = ["Stimuli", "find_stimuli", "top_responses"]

@@ -1,0 +1,232 @@
+"""The workspace: one directory per study, holding every result.
+
+Layout::
+
+    STUDY/
+      manifest.json                 format version, config, and one record per finished stage
+      models/MODEL/checkpoints.json the model's checkpoints (tags, files, accuracies)
+      stimuli/MODEL/TAG/*.npy       top-k image indices, strengths, argmax positions
+      embedding/neurons/            the base checkpoint's learned neuron vectors
+      embedding/images/             image vectors (+ RMSE, coverage)
+      embedding/responses.npy       each pool image's most responsive base neurons
+      projection/MODEL/TAG/vectors.npy  every checkpoint's neurons in the unified space
+      layout/MODEL/TAG/xy.npy       2-D layout (UMAP fitted on the base, transform for the rest)
+      figures/                      pictures
+
+Arrays are ``.npy`` (readable with ``mmap_mode="r"``). The manifest lists, for
+each stage, its parameters and a key hashing its parameters and inputs; a stage
+counts as finished only when its record is in the manifest, and the record is
+written (atomically) after the stage's files are durable. A rerun skips stages
+whose key is unchanged.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+
+from .errors import WorkspaceError
+from .io import load_npy, read_json, write_json
+
+log = logging.getLogger(__name__)
+
+FORMAT = "conceptevo-workspace"
+VERSION = 1
+
+
+def _safe(part: str) -> str:
+    if not part or part in (".", "..") or "/" in part or "\\" in part or "\x00" in part:
+        raise WorkspaceError(f"{part!r} cannot be used as a name in the workspace; use letters, digits, '.', '-', '_'")
+    return part
+
+
+class Workspace:
+    """Read (and, for the pipeline, write) a study directory."""
+
+    def __init__(self, path, create: bool = False):
+        self.path = Path(path)
+        self.manifest_path = self.path / "manifest.json"
+        if self.manifest_path.exists():
+            self.manifest = read_json(self.manifest_path)
+            if self.manifest.get("format") != FORMAT:
+                raise WorkspaceError(f"{self.path} is not a conceptevo workspace (manifest format {self.manifest.get('format')!r})")
+            v = self.manifest.get("version")
+            if v != VERSION:
+                raise WorkspaceError(
+                    f"workspace {self.path} has format version {v}, this conceptevo reads version {VERSION}; "
+                    "rerun `conceptevo run` into a new directory"
+                )
+        elif create:
+            self.path.mkdir(parents=True, exist_ok=True)
+            self.manifest = {"format": FORMAT, "version": VERSION, "config": {}, "stages": {}}
+            self._flush()
+        else:
+            raise WorkspaceError(f"no conceptevo workspace at {self.path}; create one with `conceptevo run CONFIG.toml` or `conceptevo demo`")
+
+    # -- stage bookkeeping ----------------------------------------------------------------------------
+    def _flush(self) -> None:
+        write_json(self.manifest_path, self.manifest)
+
+    def stage(self, name: str) -> dict | None:
+        return self.manifest["stages"].get(name)
+
+    def is_done(self, name: str, key: str) -> bool:
+        rec = self.stage(name)
+        return rec is not None and rec.get("key") == key
+
+    def finish(self, name: str, key: str, params: dict | None = None, **info) -> None:
+        """Record a stage as finished (call after its files are written)."""
+        self.manifest["stages"][name] = {
+            "key": key, "params": params or {}, "finished": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), **info,
+        }
+        self._flush()
+
+    def invalidate(self, name: str) -> None:
+        if self.manifest["stages"].pop(name, None) is not None:
+            self._flush()
+
+    def set_config(self, config: dict) -> None:
+        self.manifest["config"] = config
+        self._flush()
+
+    @property
+    def config(self) -> dict:
+        return self.manifest.get("config", {})
+
+    # -- paths -------------------------------------------------------------------------------------
+    def model_dir(self, model: str) -> Path:
+        return self.path / "models" / _safe(model)
+
+    def stimuli_dir(self, model: str, tag: str) -> Path:
+        return self.path / "stimuli" / _safe(model) / _safe(tag)
+
+    def projection_path(self, model: str, tag: str) -> Path:
+        return self.path / "projection" / _safe(model) / _safe(tag) / "vectors.npy"
+
+    def layout_path(self, model: str, tag: str) -> Path:
+        return self.path / "layout" / _safe(model) / _safe(tag) / "xy.npy"
+
+    @property
+    def figures_dir(self) -> Path:
+        return self.path / "figures"
+
+    # -- reading results -----------------------------------------------------------------------------
+    def _require(self, name: str, what: str):
+        if self.stage(name) is None:
+            raise WorkspaceError(f"the workspace {self.path} has no {what} yet; run `conceptevo run` on its config to compute it")
+
+    @property
+    def models(self) -> list[str]:
+        return list(self.manifest.get("models", {}))
+
+    def checkpoints(self, model: str):
+        from .models.checkpoints import Checkpoint
+
+        if model not in self.manifest.get("models", {}):
+            raise WorkspaceError(f"model {model!r} is not in this study; models: {', '.join(self.models) or 'none'}")
+        return [Checkpoint.from_dict(d) for d in self.manifest["models"][model]["checkpoints"]]
+
+    def tags(self, model: str) -> list[str]:
+        return [c.tag for c in self.checkpoints(model)]
+
+    @property
+    def base(self) -> tuple[str, str]:
+        b = self.manifest.get("base")
+        if not b:
+            raise WorkspaceError(f"the workspace {self.path} has no base checkpoint recorded; run the study first")
+        return b["model"], b["tag"]
+
+    def stimuli(self, model: str, tag: str, mmap: bool = True):
+        from .stimuli import Stimuli
+
+        self._require(f"stimuli/{model}/{tag}", f"stimuli for {model} {tag}")
+        return Stimuli.load(self.stimuli_dir(model, tag), mmap=mmap)
+
+    def neuron_embedding(self):
+        from .embedding import NeuronEmbedding
+
+        self._require("embedding/neurons", "base neuron embedding")
+        return NeuronEmbedding.load(self.path / "embedding" / "neurons")
+
+    def image_embedding(self):
+        from .embedding import ImageEmbedding
+
+        self._require("embedding/images", "image embedding")
+        return ImageEmbedding.load(self.path / "embedding" / "images")
+
+    def projection(self, model: str, tag: str):
+        """A checkpoint's neurons in the unified space (a NeuronEmbedding)."""
+        from .embedding import NeuronEmbedding
+
+        self._require(f"projection/{model}/{tag}", f"projection of {model} {tag}")
+        ids = read_json(self.stimuli_dir(model, tag) / "neurons.json")["neuron_ids"]
+        return NeuronEmbedding(neuron_ids=ids, vectors=load_npy(self.projection_path(model, tag)))
+
+    def layout(self, model: str, tag: str) -> np.ndarray:
+        """``[neurons, 2]`` coordinates of a checkpoint's neurons in the shared 2-D frame."""
+        self._require("layout", "2-D layout")
+        return load_npy(self.layout_path(model, tag))
+
+    def dataset(self, split: str = "train"):
+        """The study's dataset, opened as the config names it."""
+        from .pipeline import open_study_dataset
+
+        return open_study_dataset(self.config, split)
+
+    def summary(self) -> str:
+        lines = [f"workspace {self.path}"]
+        for m in self.models:
+            tags = self.tags(m)
+            lines.append(f"  model {m}: {len(tags)} checkpoints ({', '.join(tags)})")
+        if self.manifest.get("base"):
+            lines.append(f"  base: {self.base[0]} {self.base[1]}")
+        rec = self.stage("embedding/images")
+        if rec:
+            lines.append(f"  image embedding RMSE {rec.get('rmse', float('nan')):.4f}")
+        lines.append(f"  stages finished: {len(self.manifest['stages'])}")
+        return "\n".join(lines)
+
+
+class WorkspaceLock:
+    """An exclusive lock on a workspace (a file holding the owner's pid); detects stale locks."""
+
+    def __init__(self, path):
+        self.file = Path(path) / ".lock"
+
+    def __enter__(self):
+        self.file.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(2):
+            try:
+                fd = os.open(self.file, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+                os.write(fd, str(os.getpid()).encode())
+                os.close(fd)
+                return self
+            except FileExistsError:
+                try:
+                    pid = int(self.file.read_text().strip() or 0)
+                except (OSError, ValueError):
+                    pid = 0
+                if pid and _alive(pid):
+                    raise WorkspaceError(
+                        f"workspace {self.file.parent} is in use by process {pid}; wait for it to finish "
+                        f"(or, if it is gone, delete {self.file})"
+                    ) from None
+                log.warning("removing a stale lock left by process %s", pid)
+                self.file.unlink(missing_ok=True)
+        raise WorkspaceError(f"could not lock {self.file.parent}; delete {self.file} if no conceptevo process is running")
+
+    def __exit__(self, *exc):
+        self.file.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
