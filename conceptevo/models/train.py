@@ -128,7 +128,7 @@ def train(model: nn.Module, train_set, test_set, out_dir, config: TrainConfig = 
             sched.step()
             step += 1
             bar.update(1)
-            bar.set_postfix(loss=f"{float(loss):.3f}")
+            bar.set_postfix(loss=f"{loss.item():.3f}")
             if step in save_at:
                 checkpoint(step)
             if step >= total_steps:

@@ -1,0 +1,72 @@
+import os
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+os.environ.setdefault("MPLBACKEND", "Agg")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+class TinySeq(nn.Module):
+    def __init__(self, cin=1, ncls=4):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(cin, 6, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(6, 8, 3, padding=1), nn.ReLU(),
+        )
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, ncls))
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
+class TinyRes(nn.Module):
+    """A residual model with a branch: not expressible as a Sequential."""
+
+    def __init__(self, cin=1, ncls=4):
+        super().__init__()
+        self.stem = nn.Conv2d(cin, 6, 3, padding=1)
+        self.a = nn.Conv2d(6, 6, 3, padding=1)
+        self.b = nn.Conv2d(6, 6, 1)
+        self.down = nn.Conv2d(6, 8, 3, stride=2, padding=1)
+        self.fc = nn.Linear(8, ncls)
+
+    def forward(self, x):
+        h = torch.relu(self.stem(x))
+        h = torch.relu(self.a(h) + self.b(h) + h)
+        h = torch.relu(self.down(h))
+        return self.fc(h.mean(dim=(2, 3)))
+
+
+class TensorImages(torch.utils.data.Dataset):
+    """In-memory images returning (image, label, index)."""
+
+    def __init__(self, images, labels, classes=None):
+        self.images = images
+        self.targets = np.asarray(labels, dtype=np.int64)
+        self.classes = classes or [str(i) for i in range(int(self.targets.max()) + 1)]
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return self.images[i], int(self.targets[i]), i
+
+
+@pytest.fixture
+def tiny_data():
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(70, 1, 12, 12, generator=g)
+    x[10] = x[3]          # exact duplicates: ties in every neuron
+    x[40] = x[3]
+    x[20] = 0.0           # a blank image
+    y = torch.arange(70) % 4
+    return TensorImages(x, y.numpy())
+
+
+@pytest.fixture(params=["seq", "res"])
+def tiny_model(request):
+    torch.manual_seed(1)
+    return TinySeq() if request.param == "seq" else TinyRes()

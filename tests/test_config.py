@@ -1,0 +1,84 @@
+import os
+
+import pytest
+
+from conceptevo import ConceptEvoError
+from conceptevo.config import load_config
+from conceptevo.errors import WorkspaceError
+from conceptevo.workspace import Workspace, WorkspaceLock
+
+GOOD = """
+[study]
+out = "study"
+[data]
+kind = "synthetic"
+pool = 500
+[[models]]
+name = "a"
+arch = "vgg_like"
+checkpoints = "runs/a"
+[embedding]
+dim = 8
+"""
+
+
+def write(tmp_path, text):
+    p = tmp_path / "c.toml"
+    p.write_text(text)
+    return p
+
+
+def test_good_config_resolves_paths(tmp_path):
+    c = load_config(write(tmp_path, GOOD))
+    assert c.out == str(tmp_path / "study")
+    assert c.models[0].checkpoints == str(tmp_path / "runs" / "a")
+    assert c.embedding.dim == 8 and c.embedding.negatives == 3 and c.base_model == "a"
+
+
+@pytest.mark.parametrize("bad, match", [
+    (GOOD.replace("dim = 8", "dimm = 8"), "'dimm'.*Did you mean 'dim'"),
+    (GOOD.replace("dim = 8", "dim = 0"), "embedding.dim"),
+    (GOOD.replace("dim = 8", "lr = -1.0"), "embedding.lr"),
+    (GOOD.replace("dim = 8", 'dim = "thirty"'), "dim must be a number"),
+    (GOOD.replace("[embedding]", "[embeding]"), "'embeding'.*Did you mean 'embedding'"),
+    (GOOD + '\n[base]\nmodel = "b"\n', "base model 'b' is not in the study"),
+    (GOOD.replace('arch = "vgg_like"\n', ""), "missing 'arch'"),
+    (GOOD.replace("[[models]]", "[[modelz]]"), "modelz"),
+    ("this is = = not toml", "not valid TOML"),
+])
+def test_bad_configs(tmp_path, bad, match):
+    with pytest.raises(ConceptEvoError, match=match):
+        load_config(write(tmp_path, bad))
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(ConceptEvoError, match="does not exist"):
+        load_config(tmp_path / "nope.toml")
+
+
+def test_workspace_errors(tmp_path):
+    with pytest.raises(WorkspaceError, match="no conceptevo workspace"):
+        Workspace(tmp_path / "none")
+    ws = Workspace(tmp_path / "w", create=True)
+    with pytest.raises(WorkspaceError, match="run `conceptevo run`"):
+        ws.neuron_embedding()
+    ws.manifest["version"] = 0
+    ws._flush()
+    with pytest.raises(WorkspaceError, match="format version 0"):
+        Workspace(tmp_path / "w")
+
+
+def test_lock_and_stale_lock(tmp_path):
+    with WorkspaceLock(tmp_path):
+        with pytest.raises(WorkspaceError, match="in use by process"):
+            with WorkspaceLock(tmp_path):
+                pass
+    assert not (tmp_path / ".lock").exists()
+    # a lock left by a process that no longer exists is taken over
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    os.waitpid(pid, 0)
+    (tmp_path / ".lock").write_text(str(pid))
+    with WorkspaceLock(tmp_path):
+        assert (tmp_path / ".lock").read_text() == str(os.getpid())
