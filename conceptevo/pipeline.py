@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +46,21 @@ def load_model(arch: str, options: dict, checkpoint_path, dataset, trust: bool =
     model = build_model(arch, **opts)
     load_checkpoint(checkpoint_path, model, trust=trust)
     return model.eval()
+
+
+class _Timer:
+    """Log how long each stage took."""
+
+    def __init__(self, what: str):
+        self.what = what
+
+    def __enter__(self):
+        self.t = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        if exc[0] is None:
+            log.info("%s: %.1f s", self.what, time.perf_counter() - self.t)
 
 
 def run_study(config: StudyConfig, progress: bool = True, trust: bool = False) -> Workspace:
@@ -95,9 +111,10 @@ def _run(ws: Workspace, config: StudyConfig, progress: bool, trust: bool) -> Wor
             stim_keys[(m.name, row["tag"])] = key
             if ws.is_done(name, key):
                 continue
-            model = load_model(m.arch, m.options, row["path"], pool, trust=trust).to(sp.device)
-            stim = find_stimuli(model, pool, k=sp.k, layers=sp.layers, batch_size=sp.batch_size, device=sp.device,
-                                progress=progress, num_images=num_images, desc=f"stimuli {m.name} {row['tag']}")
+            with _Timer(f"stimuli {m.name} {row['tag']}"):
+                model = load_model(m.arch, m.options, row["path"], pool, trust=trust).to(sp.device)
+                stim = find_stimuli(model, pool, k=sp.k, layers=sp.layers, batch_size=sp.batch_size, device=sp.device,
+                                    progress=progress, num_images=num_images, desc=f"stimuli {m.name} {row['tag']}")
             stim.save(ws.stimuli_dir(m.name, row["tag"]))
             ws.finish(name, key, params, neurons=len(stim))
 
@@ -108,7 +125,8 @@ def _run(ws: Workspace, config: StudyConfig, progress: bool, trust: bool) -> Wor
     base_stim = ws.stimuli(base_model, base_tag, mmap=False)
     emb_key = hash_json([stim_keys[(base_model, base_tag)], dataclasses.asdict(ep)])
     if not ws.is_done("embedding/neurons", emb_key):
-        emb = embed_neurons(base_stim, dim=ep.dim, negatives=ep.negatives, lr=ep.lr, epochs=ep.epochs, seed=ep.seed, progress=progress)
+        with _Timer("base neuron embedding"):
+            emb = embed_neurons(base_stim, dim=ep.dim, negatives=ep.negatives, lr=ep.lr, epochs=ep.epochs, seed=ep.seed, progress=progress)
         emb.save(ws.path / "embedding" / "neurons")
         ws.finish("embedding/neurons", emb_key, dataclasses.asdict(ep), epochs_run=getattr(emb, "epochs_run", None))
     neuron_emb = ws.neuron_embedding()
@@ -130,7 +148,8 @@ def _run(ws: Workspace, config: StudyConfig, progress: bool, trust: bool) -> Wor
     # 4. image embedding
     img_key = hash_json([emb_key, resp_key])
     if not ws.is_done("embedding/images", img_key):
-        img = embed_images(base_stim, neuron_emb, num_images=num_images, responses=responses, seed=ep.seed)
+        with _Timer("image embedding"):
+            img = embed_images(base_stim, neuron_emb, num_images=num_images, responses=responses, seed=ep.seed)
         img.save(ws.path / "embedding" / "images")
         ws.finish("embedding/images", img_key, {}, rmse=float(img.rmse))
         log.info("image embedding RMSE %.4f", img.rmse)
@@ -157,7 +176,8 @@ def _run(ws: Workspace, config: StudyConfig, progress: bool, trust: bool) -> Wor
     if not ws.is_done("layout", lay_key):
         from .projection import fit_layout
 
-        layout = fit_layout(neuron_emb.vectors, seed=lp.seed, n_neighbors=lp.n_neighbors, min_dist=lp.min_dist)
+        with _Timer("UMAP fit on the base embedding"):
+            layout = fit_layout(neuron_emb.vectors, seed=lp.seed, n_neighbors=lp.n_neighbors, min_dist=lp.min_dist)
         save_npy(ws.path / "layout" / "base_learned.npy", layout.base_xy)
         for m in config.models:
             for row in models[m.name]["checkpoints"]:

@@ -36,6 +36,7 @@ class TrainConfig:
     every_steps: int | None = None     # or: a checkpoint every N optimiser steps
     train_images: int | None = None    # images per epoch (a seeded subset), None = all
     eval_images: int = 2000            # images used to measure each checkpoint's accuracy
+    bn_images: int = 1024              # training images that re-estimate BatchNorm statistics at a checkpoint
     save_initial: bool = False         # also save the untrained model as e0
     device: str = "cpu"
 
@@ -64,6 +65,33 @@ def accuracy(model: nn.Module, dataset, positions=None, batch_size: int = 512, d
         n += len(labels)
     model.train(was)
     return {"top1": hit1 / max(n, 1), "top5": hit5 / max(n, 1)}
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(model: nn.Module, dataset, positions, batch_size: int = 256, device="cpu") -> None:
+    """Recompute BatchNorm running statistics for the model's current weights.
+
+    Early in training the running averages still carry the statistics of much
+    older weights (and their initial values), so a checkpoint evaluated in eval
+    mode would look far worse than it is. Before each checkpoint the running
+    statistics are reset and re-estimated as a plain average over ``positions``
+    (training images, train-mode forward, no gradients). Training itself uses
+    batch statistics, so this does not change the optimisation.
+    """
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not bns:
+        return
+    was = model.training
+    momenta = [bn.momentum for bn in bns]
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None  # cumulative average
+    model.train()
+    for images, _, _ in iter_batches(dataset, batch_size, positions=positions):
+        model(images.to(device))
+    for bn, mom in zip(bns, momenta):
+        bn.momentum = mom
+    model.train(was)
 
 
 def train(model: nn.Module, train_set, test_set, out_dir, config: TrainConfig = TrainConfig(), progress: bool = True,
@@ -96,6 +124,7 @@ def train(model: nn.Module, train_set, test_set, out_dir, config: TrainConfig = 
     def checkpoint(step: int):
         epoch = step / steps_per_epoch
         tag = epoch_tag(epoch)
+        recalibrate_batchnorm(model, train_set, eval_train[: config.bn_images], device=device)
         tr = accuracy(model, train_set, eval_train, device=device)
         te = accuracy(model, test_set, eval_test, device=device)
         metrics = {"train_top1": tr["top1"], "train_top5": tr["top5"], "test_top1": te["top1"], "test_top5": te["top5"]}
