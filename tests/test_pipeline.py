@@ -1,0 +1,109 @@
+"""The whole pipeline end to end on generated data, reruns that reuse finished stages, and the demo."""
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+
+from conceptevo import ConceptEvoError, Workspace, build_model
+from conceptevo.config import BaseConfig, DataConfig, EmbeddingConfig, ModelConfig, StimuliConfig, StudyConfig
+from conceptevo.data import open_dataset
+from conceptevo.models.train import TrainConfig, train
+from conceptevo.pipeline import run_study
+
+DATA = DataConfig(kind="synthetic", pool=300, options={"n": 600, "size": 28})
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    tr = open_dataset("synthetic", split="train", n=600, size=28)
+    te = open_dataset("synthetic", split="test", n=600, size=28)
+    out = {}
+    for name, arch in (("vgg", "vgg_like"), ("res", "resnet_like")):
+        m = build_model(arch, in_channels=3, num_classes=10, width=4)
+        train(m, tr, te, root / name, TrainConfig(epochs=1, batch_size=64, first_epoch_checkpoints=2, eval_images=200, bn_images=200), progress=False)
+        out[name] = (arch, str(root / name))
+    return out
+
+
+def config(out, runs, **changes):
+    models = [ModelConfig(name=n, arch=a, checkpoints=p, options={"width": 4}) for n, (a, p) in runs.items()]
+    c = StudyConfig(out=str(out), data=DATA, models=models, base=BaseConfig(model="vgg"),
+                    stimuli=StimuliConfig(k=5), embedding=EmbeddingConfig(dim=8, epochs=30))
+    return dataclasses.replace(c, **changes).validate()
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory, runs):
+    out = tmp_path_factory.mktemp("study")
+    ws = run_study(config(out, runs), progress=False)
+    return ws, out
+
+
+def test_workspace_holds_every_checkpoint(study):
+    ws, _ = study
+    ws = Workspace(ws.path)
+    assert ws.models == ["vgg", "res"] and ws.base == ("vgg", "e1")
+    img = ws.image_embedding()
+    for m in ws.models:
+        assert ws.tags(m) == ["e0.5", "e1"]
+        for t in ws.tags(m):
+            s = ws.stimuli(m, t)
+            p = ws.projection(m, t)
+            assert p.vectors.shape == (len(s), 8) and np.isfinite(p.vectors).all()
+            # projection = mean of the stimuli's image vectors (Eq 2)
+            np.testing.assert_allclose(p.vectors, np.asarray(img.vectors)[np.asarray(s.indices)].mean(axis=1), rtol=1e-5, atol=1e-6)
+            assert ws.layout(m, t).shape == (len(s), 2)
+    assert ws.neuron_embedding().vectors.shape == (len(ws.stimuli("vgg", "e1")), 8)
+    assert (ws.path / "figures" / "space.png").stat().st_size > 10_000
+    # no arrays stored as JSON: every stage's arrays are .npy
+    assert all(f.suffix in {".npy", ".json", ".png", ".pdf", ".joblib", ".pkl", ""} for f in ws.path.rglob("*") if f.is_file())
+
+
+def test_rerun_reuses_finished_stages(study, runs):
+    ws, out = study
+    before = json.loads((ws.path / "manifest.json").read_text())["stages"]
+    mtime = (ws.stimuli_dir("res", "e1") / "indices.npy").stat().st_mtime_ns
+    ws2 = run_study(config(out, runs), progress=False)
+    after = ws2.manifest["stages"]
+    assert {k: v["finished"] for k, v in before.items()} == {k: v["finished"] for k, v in after.items()}
+    assert (ws.stimuli_dir("res", "e1") / "indices.npy").stat().st_mtime_ns == mtime
+    # a new embedding dimension recomputes the embedding and what follows it, not the stimuli
+    ws3 = run_study(config(out, runs, embedding=EmbeddingConfig(dim=6, epochs=30)), progress=False)
+    st = ws3.manifest["stages"]
+    assert st["stimuli/vgg/e1"]["finished"] == before["stimuli/vgg/e1"]["finished"]
+    assert st["embedding/neurons"]["key"] != before["embedding/neurons"]["key"]
+    assert ws3.projection("res", "e1").vectors.shape[1] == 6
+
+
+def test_bad_base_checkpoint(tmp_path, runs):
+    with pytest.raises(ConceptEvoError, match="base checkpoint 'e7' is not a checkpoint of vgg"):
+        run_study(config(tmp_path / "s", runs, base=BaseConfig(model="vgg", checkpoint="e7")), progress=False)
+
+
+def test_missing_dataset_path(tmp_path, runs):
+    c = config(tmp_path / "s", runs, data=DataConfig(kind="fashion-mnist", path=str(tmp_path / "nowhere")))
+    with pytest.raises(ConceptEvoError, match="nowhere"):
+        run_study(c, progress=False)
+
+
+def test_checkpoint_of_another_architecture(tmp_path, runs):
+    bad = {"vgg": ("resnet_like", runs["vgg"][1])}
+    with pytest.raises(ConceptEvoError, match="does not fit"):
+        run_study(config(tmp_path / "s", bad), progress=False)
+    # nothing was recorded as finished for the failed stage
+    assert "stimuli/vgg/e0.5" not in Workspace(tmp_path / "s").manifest["stages"]
+
+
+@pytest.mark.slow
+def test_demo_quick_end_to_end(tmp_path):
+    from conceptevo.cli import main
+
+    assert main(["demo", "--quick", "--out", str(tmp_path / "demo"), "--no-progress"]) == 0
+    ws = Workspace(tmp_path / "demo" / "study")
+    assert ws.models == ["vgg", "vgg-nodropout", "resnet"]
+    assert (ws.path / "figures" / "space.png").exists()
+    last = ws.checkpoints("vgg")[-1]
+    assert last.metrics["train_top1"] > 0.3  # well above chance (0.1) after the short run
+    assert (tmp_path / "demo" / "study.toml").exists()
