@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import distributed as ddp
 from .config import DataConfig, StudyConfig
 from .data import open_dataset, sample_pool
 from .errors import ConceptEvoError, suggest
@@ -63,26 +64,42 @@ class _Timer:
             log.info("%s: %.1f s", self.what, time.perf_counter() - self.t)
 
 
-def run_study(config: StudyConfig, progress: bool = True, trust: bool = False) -> Workspace:
-    """Run every stage of the study that is not already finished; return the workspace."""
+def run_study(config: StudyConfig, progress: bool = True, trust: bool = False) -> Workspace | None:
+    """Run every stage of the study that is not already finished; return the workspace.
+
+    Under ``torchrun`` (several processes), every rank shares the stimuli
+    passes and rank 0 alone writes and runs the later stages; other ranks
+    return None.
+    """
+    ddp.init_from_env(config.stimuli.device)
+    if not ddp.is_main():
+        plan = ddp.broadcast_object(None)
+        if plan is None:  # rank 0 stopped before the passes; its error says why
+            raise ConceptEvoError(f"rank {ddp.rank()}: rank 0 stopped before the stimuli passes; see its error")
+        _stimuli_stage(None, config, plan, progress, trust)
+        ddp.barrier()
+        return None
     ws = Workspace(config.out, create=True)
-    with WorkspaceLock(ws.path):
-        return _run(ws, config, progress, trust)
+    try:
+        with WorkspaceLock(ws.path):
+            return _run(ws, config, progress, trust)
+    except BaseException:
+        if ddp.active() and not getattr(ws, "_plan_sent", False):
+            ddp.broadcast_object(None)  # release the other ranks waiting for the plan
+        raise
 
 
-def _run(ws: Workspace, config: StudyConfig, progress: bool, trust: bool) -> Workspace:
+def _plan(ws: Workspace, config: StudyConfig):
+    """Record the study's checkpoints and base in the manifest; list the stimuli passes to run."""
     ws.set_config(config.to_dict())
     pool = study_pool(config.data)
     data_key = pool.fingerprint()
     num_images = len(pool.base) if hasattr(pool, "base") else len(pool)
     log.info("stimulus pool: %d images of %s", len(pool), getattr(pool, "name", "dataset"))
-
-    # checkpoints of every model
     models: dict[str, dict] = {}
     for m in config.models:
-        cks = list_checkpoints(m.checkpoints)
         rows = []
-        for c in cks:
+        for c in list_checkpoints(m.checkpoints):
             d = c.to_dict()
             d["sha256"] = checkpoint_hash(c.path)
             rows.append(d)
@@ -99,24 +116,45 @@ def _run(ws: Workspace, config: StudyConfig, progress: bool, trust: bool) -> Wor
     ws.manifest["base"] = {"model": base_model, "tag": base_tag}
     ws.manifest["data"] = {"fingerprint": data_key, "pool": len(pool), "num_images": num_images}
     ws._flush()
-
-    # 1. stimuli of every checkpoint
     sp = config.stimuli
-    stim_keys: dict[tuple[str, str], str] = {}
+    params = {"k": sp.k, "layers": sp.layers}
+    passes = []
     for m in config.models:
         for row in models[m.name]["checkpoints"]:
-            name = f"stimuli/{m.name}/{row['tag']}"
-            params = {"k": sp.k, "layers": sp.layers}
             key = hash_json([data_key, row["sha256"], m.arch, m.options, params])
-            stim_keys[(m.name, row["tag"])] = key
-            if ws.is_done(name, key):
-                continue
-            with _Timer(f"stimuli {m.name} {row['tag']}"):
-                model = load_model(m.arch, m.options, row["path"], pool, trust=trust).to(sp.device)
-                stim = find_stimuli(model, pool, k=sp.k, layers=sp.layers, batch_size=sp.batch_size, device=sp.device,
-                                    progress=progress, num_images=num_images, desc=f"stimuli {m.name} {row['tag']}")
-            stim.save(ws.stimuli_dir(m.name, row["tag"]))
-            ws.finish(name, key, params, neurons=len(stim))
+            todo = not ws.is_done(f"stimuli/{m.name}/{row['tag']}", key)
+            passes.append({"model": m.name, "arch": m.arch, "options": m.options, "tag": row["tag"],
+                           "path": row["path"], "key": key, "todo": todo})
+    return pool, num_images, models, (base_model, base_tag), passes
+
+
+def _stimuli_stage(ws: Workspace | None, config: StudyConfig, passes: list[dict], progress: bool, trust: bool, pool=None) -> None:
+    """Stimuli of every checkpoint still to do (all ranks take part; rank 0 writes)."""
+    sp = config.stimuli
+    if pool is None:
+        pool = study_pool(config.data)
+    num_images = len(pool.base) if hasattr(pool, "base") else len(pool)
+    for p in passes:
+        if not p["todo"]:
+            continue
+        with _Timer(f"stimuli {p['model']} {p['tag']}"):
+            model = load_model(p["arch"], p["options"], p["path"], pool, trust=trust).to(sp.device)
+            stim = find_stimuli(model, pool, k=sp.k, layers=sp.layers, batch_size=sp.batch_size, device=sp.device,
+                                progress=progress, num_images=num_images, desc=f"stimuli {p['model']} {p['tag']}")
+        if ws is not None:
+            stim.save(ws.stimuli_dir(p["model"], p["tag"]))
+            ws.finish(f"stimuli/{p['model']}/{p['tag']}", p["key"], {"k": sp.k, "layers": sp.layers}, neurons=len(stim))
+
+
+def _run(ws: Workspace, config: StudyConfig, progress: bool, trust: bool) -> Workspace:
+    pool, num_images, models, (base_model, base_tag), passes = _plan(ws, config)
+    sp = config.stimuli
+    # 1. stimuli of every checkpoint
+    ddp.broadcast_object(passes)
+    ws._plan_sent = True
+    _stimuli_stage(ws, config, passes, progress, trust, pool=pool)
+    ddp.barrier()
+    stim_keys = {(p["model"], p["tag"]): p["key"] for p in passes}
 
     # 2. base neuron embedding
     from .embedding import embed_images, embed_neurons

@@ -47,7 +47,7 @@ class Checkpoint:
 
 def epoch_tag(epoch: float) -> str:
     """'e3' for whole epochs, 'e0.25' for fractions."""
-    return f"e{round(float(epoch), 4):g}"
+    return f"e{round(float(epoch), 2):g}"
 
 
 def _read_state(path: Path, trust: bool):

@@ -123,8 +123,8 @@ def train(model: nn.Module, train_set, test_set, out_dir, config: TrainConfig = 
 
     def checkpoint(step: int):
         epoch = step / steps_per_epoch
-        tag = epoch_tag(epoch)
-        recalibrate_batchnorm(model, train_set, eval_train[: config.bn_images], device=device)
+        tag = save_at.get(step) or epoch_tag(epoch)
+        recalibrate_batchnorm(model, train_set, eval_train[: config.bn_images], batch_size=config.batch_size, device=device)
         tr = accuracy(model, train_set, eval_train, device=device)
         te = accuracy(model, test_set, eval_test, device=device)
         metrics = {"train_top1": tr["top1"], "train_top5": tr["top5"], "test_top1": te["top1"], "test_top5": te["top5"]}
@@ -169,13 +169,18 @@ def train(model: nn.Module, train_set, test_set, out_dir, config: TrainConfig = 
     return checkpoints
 
 
-def _save_steps(config: TrainConfig, steps_per_epoch: int, total_steps: int) -> set[int]:
+def _save_steps(config: TrainConfig, steps_per_epoch: int, total_steps: int) -> dict[int, str]:
+    """Steps at which to save, each with its tag: 'e0.25' for the planned fraction of an epoch, 's123' for every_steps."""
+    at: dict[int, str] = {}
     if config.every_steps:
-        at = set(range(config.every_steps, total_steps + 1, config.every_steps))
+        for s in range(config.every_steps, total_steps + 1, config.every_steps):
+            at[s] = f"s{s}"
     else:
         n = config.first_epoch_checkpoints
-        at = {max(1, round(steps_per_epoch * i / n)) for i in range(1, n + 1)}
-        at |= set(range(steps_per_epoch, total_steps + 1, steps_per_epoch))
-    at = {s for s in at if s <= total_steps}
-    at.add(total_steps)
+        for i in range(1, n + 1):
+            at.setdefault(max(1, round(steps_per_epoch * i / n)), epoch_tag(i / n))
+        for s in range(steps_per_epoch, total_steps + 1, steps_per_epoch):
+            at[s] = epoch_tag(s / steps_per_epoch)
+    at = {s: t for s, t in at.items() if s <= total_steps}
+    at.setdefault(total_steps, epoch_tag(total_steps / steps_per_epoch))
     return at

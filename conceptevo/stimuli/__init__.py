@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .. import distributed as ddp
 from ..data.loader import iter_batches
 from ..errors import ConceptEvoError, check_positive
 from ..io import load_npy, read_json, save_npy, write_json
@@ -136,9 +137,19 @@ class _TopK:
         self.sum += v64.sum(0)
         self.sumsq += (v64 * v64).sum(0)
         C, B = vals.shape[1], vals.shape[0]
-        cv = torch.cat([self.v, vals.t()], dim=1)
-        ci = torch.cat([self.i, idx.expand(C, B)], dim=1)
-        cp = torch.cat([self.p, pos.t()], dim=1)
+        self._merge(torch.cat([self.v, vals.t()], dim=1), torch.cat([self.i, idx.expand(C, B)], dim=1),
+                    torch.cat([self.p, pos.t()], dim=1), ascending_after)
+
+    def merge_ranks(self) -> None:
+        """Combine every rank's top-k into the exact global top-k (same result on every rank)."""
+        if not ddp.active():
+            return
+        self._merge(ddp.all_gather_cat(self.v, 1), ddp.all_gather_cat(self.i, 1), ddp.all_gather_cat(self.p, 1), False)
+        self.sum = ddp.all_reduce_sum(self.sum)
+        self.sumsq = ddp.all_reduce_sum(self.sumsq)
+        self.finite = ddp.all_reduce_sum((~self.finite).int()) == 0
+
+    def _merge(self, cv, ci, cp, ascending_after: bool) -> None:
         if not ascending_after:
             # put candidates in ascending index order so the stable sort below breaks ties by index
             order = torch.sort(ci, dim=1, stable=True).indices
@@ -158,6 +169,13 @@ def find_stimuli(model: nn.Module, dataset, k: int = 10, layers=None, batch_size
     check_positive("k", k, integer=True)
     check_positive("batch_size", batch_size, integer=True)
     n = len(dataset)
+    positions = ddp.shard(np.arange(n))
+    if ddp.active():
+        fp = dataset.fingerprint() if hasattr(dataset, "fingerprint") else type(dataset).__name__
+        ddp.check_same("dataset", f"{n}|{fp}")
+        ddp.check_same("model", ddp.model_hash(model) + f"|{k}|{layers}")
+    if n < ddp.world():
+        raise ConceptEvoError(f"{n} images cannot be shared by {ddp.world()} ranks; use fewer ranks")
     if n < k:
         raise ConceptEvoError(f"k={k} is larger than the image pool ({n} images); lower k or use a larger pool")
     device = torch.device(device)
@@ -169,10 +187,10 @@ def find_stimuli(model: nn.Module, dataset, k: int = 10, layers=None, batch_size
     states: dict[str, _TopK] = {}
     shapes: dict[str, tuple] = {}
     max_seen = -1
-    bar = tqdm(total=n, desc=desc, unit="img", disable=not progress, leave=False)
+    bar = tqdm(total=len(positions), desc=desc, unit="img", disable=not progress or not ddp.is_main(), leave=False)
     try:
         with torch.inference_mode(), capture(model, names, lambda name, out: (_strength(out), tuple(out.shape[1:]))) as outs:
-            for images, _, idx in iter_batches(dataset, batch_size):
+            for images, _, idx in iter_batches(dataset, batch_size, positions=positions):
                 idx_host = idx
                 ascending = bool(idx_host[0] > max_seen) and bool((idx_host[1:] > idx_host[:-1]).all())
                 max_seen = max(max_seen, int(idx_host.max()))
@@ -198,6 +216,8 @@ def find_stimuli(model: nn.Module, dataset, k: int = 10, layers=None, batch_size
     finally:
         bar.close()
         model.train(was_training)
+    for name in names:
+        states[name].merge_ranks()
     for name in names:
         if not bool(states[name].finite):
             raise ConceptEvoError(f"layer {name!r} produced NaN or Inf activations; check the checkpoint's weights and the input scaling")
