@@ -115,6 +115,10 @@ def _strength(out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per image and channel: max over the activation map and its flat argmax. ``[B, C]`` each."""
     if out.dim() == 2:
         return out, torch.zeros_like(out, dtype=torch.int64)
+    if out.dim() == 4 and not out.is_contiguous() and out.is_contiguous(memory_format=torch.channels_last):
+        # channels-last maps: reduce over the positions axis of the NHWC view, with no copy
+        b, c = out.shape[:2]
+        return out.permute(0, 2, 3, 1).reshape(b, -1, c).max(dim=1)
     return out.flatten(2).max(dim=2)
 
 
@@ -160,11 +164,18 @@ class _TopK:
 
 
 def find_stimuli(model: nn.Module, dataset, k: int = 10, layers=None, batch_size: int = 256, device="cpu",
-                 progress: bool = True, num_images: int | None = None, desc: str = "stimuli") -> Stimuli:
+                 progress: bool = True, num_images: int | None = None, desc: str = "stimuli",
+                 amp: bool | str = False, channels_last: bool = False) -> Stimuli:
     """Top-k stimuli of every neuron of ``layers`` (default: every Conv2d) over ``dataset``.
 
     ``dataset`` is any torch Dataset returning ``(image, label)`` (index =
-    position) or ``(image, label, index)``. One pass, no gradients.
+    position) or ``(image, label, index)``. One pass, no gradients. The model
+    must already be on ``device``. On a GPU, each batch is moved once, the
+    top-k merge stays on the device, and nothing waits for the device until the
+    pass ends. ``amp`` runs the forward under autocast (``True`` = bfloat16, or
+    ``"float16"``); ``channels_last`` converts the model and batches to that
+    memory format. Both change activations by rounding, so stimuli can differ
+    from a float32 pass where strengths are nearly tied.
     """
     check_positive("k", k, integer=True)
     check_positive("batch_size", batch_size, integer=True)
@@ -181,6 +192,12 @@ def find_stimuli(model: nn.Module, dataset, k: int = 10, layers=None, batch_size
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConceptEvoError("device 'cuda' was asked for but no GPU is available; use --device cpu")
+    param = next(model.parameters(), None)
+    if param is not None and param.device.type != device.type:
+        raise ConceptEvoError(f"the model is on {param.device} but device={str(device)!r}; move it first with model.to({str(device)!r})")
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    amp_dtype = None if not amp else (torch.float16 if amp in ("float16", "fp16", "half") else torch.bfloat16)
     names = resolve_layers(model, layers)
     was_training = model.training
     model.eval()
@@ -195,8 +212,17 @@ def find_stimuli(model: nn.Module, dataset, k: int = 10, layers=None, batch_size
                 ascending = bool(idx_host[0] > max_seen) and bool((idx_host[1:] > idx_host[:-1]).all())
                 max_seen = max(max_seen, int(idx_host.max()))
                 outs.clear()
+                if device.type == "cuda":
+                    # from pinned host memory a copy does not wait for the GPU to finish queued work
+                    idx = idx.pin_memory()
+                    if not images.is_cuda:
+                        images = images.pin_memory()
+                images = images.to(device, non_blocking=True)
+                if channels_last and images.dim() == 4:
+                    images = images.contiguous(memory_format=torch.channels_last)
                 try:
-                    model(images.to(device, non_blocking=True))
+                    with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                        model(images)
                 except RuntimeError as e:
                     if states:
                         raise
@@ -205,7 +231,7 @@ def find_stimuli(model: nn.Module, dataset, k: int = 10, layers=None, batch_size
                         f"({str(e).splitlines()[0][:160]}); give images with the channels and size the model was built for"
                     ) from None
                 outs.require_all()
-                idx_dev = idx.to(device, non_blocking=True)
+                idx_dev = idx.to(device, non_blocking=True)  # pinned (above) on a GPU: no host synchronisation
                 for name in names:
                     (vals, pos), shape = outs[name]
                     if name not in states:
