@@ -68,6 +68,33 @@ def cmd_info(args) -> int:
     return 0
 
 
+def cmd_importance(args) -> int:
+    from .importance.commands import importance_command
+
+    r = importance_command(args.workspace, args.model, args.tag_from, args.tag_to, args.class_name, top=args.top,
+                           images=args.images, seed=args.seed, device=args.device, progress=not args.no_progress)
+    print(f"most important evolutions {args.tag_from} -> {args.tag_to} for class {r['class_index']} "
+          f"(score = share of the class's images whose logit the evolution raised):")
+    for nid, score in r["importance"].top(args.top):
+        print(f"  {nid:<24} {score:.3f}")
+    print(f"all scores: {r['csv']}\nfigure: {r['png']}")
+    return 0
+
+
+def cmd_evaluate_importance(args) -> int:
+    from .importance.commands import evaluate_command
+
+    r = evaluate_command(args.workspace, args.model, stages=args.stages, classes=args.classes, repeats=args.repeats,
+                         images=args.images, seed=args.seed, device=args.device, progress=not args.no_progress)
+    print(r["markdown"].read_text())
+    for stage, c in r["claims"].items():
+        for split, v in c.items():
+            print(f"{stage} {split} top-1: more important bin -> larger drop: {'yes' if v['monotonic'] else 'no'}; "
+                  f"random between 25-50 and 50-75: {'yes' if v['random_between'] else 'no'}")
+    print(f"table: {r['markdown']}  {r['csv']}\nchart: {r['png']}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="conceptevo", description="How the concepts a CNN detects evolve during training (ConceptEvo).")
     p.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
@@ -105,6 +132,31 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--device", default="cpu")
     t.add_argument("--no-progress", action="store_true")
     t.set_defaults(fn=cmd_train)
+
+    im = sub.add_parser("importance", help="rank the concept evolutions t -> t' that matter for a class (Eqs 5-7)")
+    im.add_argument("workspace")
+    im.add_argument("--model", required=True)
+    im.add_argument("--from", dest="tag_from", required=True, help="checkpoint tag t")
+    im.add_argument("--to", dest="tag_to", required=True, help="checkpoint tag t'")
+    im.add_argument("--class", dest="class_name", required=True, help="class index or name")
+    im.add_argument("--top", type=int, default=10)
+    im.add_argument("--images", type=int, default=128, help="sampled images of the class")
+    im.add_argument("--seed", type=int, default=0)
+    im.add_argument("--device", default="cpu")
+    im.add_argument("--no-progress", action="store_true")
+    im.set_defaults(fn=cmd_importance)
+
+    ev = sub.add_parser("evaluate-importance", help="revert important evolutions and measure the accuracy change (Table 1, Fig 6)")
+    ev.add_argument("workspace")
+    ev.add_argument("--model", required=True)
+    ev.add_argument("--stages", default="auto", help="auto (by accuracy milestones 0.25/0.5/0.75) or T:T2,T2:T3")
+    ev.add_argument("--classes", default="all", help="all, a number of random classes, or a comma-separated list")
+    ev.add_argument("--repeats", type=int, default=5)
+    ev.add_argument("--images", type=int, default=128)
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--device", default="cpu")
+    ev.add_argument("--no-progress", action="store_true")
+    ev.set_defaults(fn=cmd_evaluate_importance)
 
     i = sub.add_parser("info", help="summarise a workspace")
     i.add_argument("workspace")

@@ -107,3 +107,23 @@ def test_demo_quick_end_to_end(tmp_path):
     last = ws.checkpoints("vgg")[-1]
     assert last.metrics["train_top1"] > 0.3  # well above chance (0.1) after the short run
     assert (tmp_path / "demo" / "study.toml").exists()
+
+
+def test_importance_and_evaluation_commands(study):
+    from conceptevo.cli import main
+
+    ws, _ = study
+    assert main(["importance", str(ws.path), "--model", "vgg", "--from", "e0.5", "--to", "e1", "--class", "2",
+                 "--top", "3", "--images", "16", "--no-progress"]) == 0
+    out = ws.path / "importance" / "vgg" / "e0.5__e1" / "class-2"
+    assert (out / "evolutions.png").exists()
+    lines = (out / "scores.csv").read_text().splitlines()
+    assert len(lines) == 1 + len(ws.stimuli("vgg", "e1"))
+    assert main(["evaluate-importance", str(ws.path), "--model", "res", "--stages", "e0.5:e1", "--classes", "0,1",
+                 "--repeats", "2", "--images", "16", "--no-progress"]) == 0
+    ev = ws.path / "evaluation" / "res"
+    assert "0-25" in (ev / "table.md").read_text() and (ev / "bars.png").exists()
+    assert "evaluation/res" in Workspace(ws.path).manifest["stages"]
+    # bad input: the same checkpoint twice, an unknown class
+    assert main(["importance", str(ws.path), "--model", "vgg", "--from", "e1", "--to", "e1", "--class", "2"]) == 2
+    assert main(["importance", str(ws.path), "--model", "vgg", "--from", "e0.5", "--to", "e1", "--class", "99"]) == 2

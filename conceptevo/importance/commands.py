@@ -1,0 +1,150 @@
+"""`conceptevo importance` and `conceptevo evaluate-importance`: the workspace side of the importance package.
+
+Results go into the workspace (recorded in its manifest, so the explorer can show them)::
+
+    importance/MODEL/T__T2/class-C/  scores.csv, importance.npz, evolutions.png
+    evaluation/MODEL/                table.md, table.csv, bars.png, STAGE.npz
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import ConceptEvoError, suggest
+from ..io import hash_json
+from ..workspace import Workspace
+from .milestones import parse_stages, stages_from_milestones
+from .reversion import combine_reversion, evaluate_reversion, plot_reversion_bars, write_reversion_csv, write_reversion_markdown
+from .scores import evolution_importance
+
+log = logging.getLogger(__name__)
+
+
+def _model(ws: Workspace, name: str, tag: str, dataset, device: str, trust: bool = False):
+    from ..pipeline import load_model
+
+    tags = ws.tags(name)
+    if tag not in tags:
+        raise ConceptEvoError(f"{name} has no checkpoint {tag!r}.{suggest(tag, tags)} Checkpoints: {', '.join(tags)}")
+    ck = next(c for c in ws.checkpoints(name) if c.tag == tag)
+    info = ws.manifest["models"][name]
+    return load_model(info["arch"], info.get("options", {}), ck.path, dataset, trust=trust).to(device)
+
+
+def _layers(ws: Workspace):
+    return ws.config.get("stimuli", {}).get("layers")
+
+
+def _class_index(dataset, text) -> int:
+    classes = list(getattr(dataset, "classes", []))
+    if isinstance(text, int) or str(text).lstrip("-").isdigit():
+        return int(text)
+    if text in classes:
+        return classes.index(text)
+    raise ConceptEvoError(f"unknown class {text!r}.{suggest(text, classes)} Give a class index or one of: {', '.join(classes)}")
+
+
+def importance_command(workspace, model: str, tag_from: str, tag_to: str, class_name, top: int = 10, images: int = 128,
+                       seed: int = 0, device: str = "cpu", progress: bool = True, examples: int = 5) -> dict:
+    """Rank the evolutions t -> t' of every neuron of ``model`` for one class; write CSV, NPZ and the Fig-3 PNG."""
+    ws = Workspace(workspace)
+    if tag_from == tag_to:
+        raise ConceptEvoError(f"--from and --to are both {tag_from!r}; give two different checkpoints")
+    ds = ws.dataset("train")
+    c = _class_index(ds, class_name)
+    m_from = _model(ws, model, tag_from, ds, device)
+    m_to = _model(ws, model, tag_to, ds, device)
+    imp = evolution_importance(m_from, m_to, ds, c, layers=_layers(ws), num_images=images, seed=seed, device=device, progress=progress)
+    out = ws.path / "importance" / model / f"{tag_from}__{tag_to}" / f"class-{c}"
+    imp.to_csv(out / "scores.csv")
+    imp.save(out / "importance.npz")
+    png = plot_evolutions(ws, model, tag_from, tag_to, imp, top=top, examples=examples, path=out / "evolutions.png",
+                          class_name=_class_name(ds, c))
+    ws.finish(f"importance/{model}/{tag_from}__{tag_to}/class-{c}", hash_json([tag_from, tag_to, c, images, seed]),
+              {"images": images, "seed": seed, "class_index": c}, files=[str(p.relative_to(ws.path)) for p in (out / "scores.csv", out / "importance.npz", png)])
+    return {"importance": imp, "png": png, "csv": out / "scores.csv", "class_index": c}
+
+
+def _class_name(ds, c: int) -> str:
+    classes = list(getattr(ds, "classes", []))
+    return classes[c] if c < len(classes) else str(c)
+
+
+def plot_evolutions(ws: Workspace, model: str, tag_from: str, tag_to: str, imp, top: int, examples: int, path, class_name: str) -> Path:
+    """Fig 3's layout: for each top evolution, the neuron's stimuli at t, an arrow, its stimuli at t'."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ..io import atomic_path
+
+    ds = ws.dataset("train")
+    s_from, s_to = ws.stimuli(model, tag_from), ws.stimuli(model, tag_to)
+    row_of = {nid: i for i, nid in enumerate(s_from.neuron_ids)}
+    ranked = imp.top(top)
+    ncol = 2 * examples + 1
+    fig, axes = plt.subplots(len(ranked), ncol, figsize=(0.9 * ncol, 1.0 * len(ranked) + 0.6), squeeze=False)
+    for r, (nid, score) in enumerate(ranked):
+        for side, stim in ((0, s_from), (1, s_to)):
+            idx = np.asarray(stim.indices[row_of[nid]])[:examples]
+            for j, i in enumerate(idx):
+                ax = axes[r, j + side * (examples + 1)]
+                img = ds[int(i)][0].numpy()
+                ax.imshow(img[0] if img.shape[0] == 1 else img.transpose(1, 2, 0), cmap="gray" if img.shape[0] == 1 else None)
+                ax.set_xticks([]), ax.set_yticks([])
+        mid = axes[r, examples]
+        mid.axis("off")
+        mid.text(0.5, 0.5, "→", ha="center", va="center", fontsize=16)
+        axes[r, 0].set_ylabel(f"{nid}\n{score:.2f}", fontsize=6, rotation=0, ha="right", va="center")
+    fig.suptitle(f"{model}: evolutions {tag_from} → {tag_to} most important for '{class_name}' (score = share of images helped)", fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
+    plt.close(fig)
+    return path
+
+
+def evaluate_command(workspace, model: str, stages: str = "auto", classes="all", repeats: int = 5, images: int = 128,
+                     seed: int = 0, device: str = "cpu", progress: bool = True, milestones=(0.25, 0.5, 0.75)) -> dict:
+    """Reversion evaluation (Table 1, Fig 6) of ``model``'s stages; writes the table and chart into the workspace."""
+    ws = Workspace(workspace)
+    train, test = ws.dataset("train"), ws.dataset("test")
+    cks = ws.checkpoints(model)
+    if stages == "auto":
+        pairs = stages_from_milestones([c.to_dict() for c in cks], milestones=milestones)
+    else:
+        pairs = parse_stages(stages)
+    ncls = len(getattr(train, "classes", [])) or int(np.max(train.targets)) + 1
+    if classes == "all":
+        class_list = list(range(ncls))
+    elif "," in str(classes):
+        class_list = [_class_index(train, c.strip()) for c in str(classes).split(",")]
+    else:
+        n = int(classes)
+        if not 0 < n <= ncls:
+            raise ConceptEvoError(f"--classes {n}: give 'all', a number between 1 and {ncls}, or a comma-separated list")
+        class_list = sorted(np.random.default_rng(seed).choice(ncls, size=n, replace=False).tolist())
+    results = []
+    for t, t2 in pairs:
+        m_from, m_to = _model(ws, model, t, train, device), _model(ws, model, t2, train, device)
+        per_class = []
+        for c in class_list:
+            log.info("reversion %s %s -> %s, class %d", model, t, t2, c)
+            per_class.append(evaluate_reversion(m_from, m_to, train, test, c, layers=_layers(ws), num_images=images,
+                                                repeats=repeats, seed=seed, device=device, stage=(t, t2), progress=progress))
+        res = combine_reversion(per_class)
+        res.save(ws.path / "evaluation" / model / f"{t}__{t2}.npz")
+        results.append(res)
+    out = ws.path / "evaluation" / model
+    md = write_reversion_markdown(out / "table.md", results)
+    csv = write_reversion_csv(out / "table.csv", results)
+    png = plot_reversion_bars(out / "bars.png", results)
+    claims = {f"{r.stage[0]}->{r.stage[1]}": {s: r.check_claim(split=s) for s in ("train", "test")} for r in results}
+    ws.finish(f"evaluation/{model}", hash_json([pairs, class_list, repeats, images, seed]),
+              {"stages": pairs, "classes": class_list, "repeats": repeats, "images": images}, claims=claims,
+              files=[str(Path(p).relative_to(ws.path)) for p in (md, csv, png)])
+    return {"results": results, "markdown": Path(md), "csv": Path(csv), "png": Path(png), "claims": claims, "stages": pairs}
