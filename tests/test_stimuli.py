@@ -24,7 +24,8 @@ def brute_force(model, dataset, k, layers):
         for h in hs:
             h.remove()
         for n in layers:
-            acts[n].append(store[n][0].flatten(1))  # [C, P]
+            o = store[n][0]
+            acts[n].append(o.reshape(o.shape[0], -1) if o.dim() > 1 else o[:, None])  # [C, P]
         idxs.append(idx)
     idxs = np.array(idxs)
     rows_i, rows_v, rows_p = [], [], []
