@@ -127,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--width", type=int, default=16)
     t.add_argument("--no-dropout", action="store_true", help="the VGG-like without dropout")
     t.add_argument("--every-steps", type=int, default=None, help="a checkpoint every N steps (default: fractions of epoch 1, then every epoch)")
-    t.add_argument("--first-epoch-checkpoints", type=int, default=4)
+    t.add_argument("--first-epoch-checkpoints", type=int, default=6, help="geometric within epoch 1: 6 gives 1/32, 1/16, ..., 1/2, 1")
     t.add_argument("--train-images", type=int, default=None, help="images per epoch (a seeded subset)")
     t.add_argument("--device", default="cpu")
     t.add_argument("--no-progress", action="store_true")

@@ -1,8 +1,8 @@
 """Train a model and save checkpoints through training, finer early on.
 
 Concepts form early (on Fashion-MNIST training accuracy passes 75% within the
-first epoch), so by default the first epoch is checkpointed at several
-fractions, then every epoch. Each checkpoint records its top-1 and top-5
+first epoch), so by default the first epoch is checkpointed at geometric
+fractions (1/32, 1/16, ..., 1/2, 1 of it), then every epoch. Each checkpoint records its top-1 and top-5
 accuracy on fixed, seeded evaluation subsets of the training and test data.
 """
 from __future__ import annotations
@@ -32,7 +32,7 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     seed: int = 0
-    first_epoch_checkpoints: int = 4   # checkpoints within epoch 1 (at 1/n, 2/n, ... of it)
+    first_epoch_checkpoints: int = 6   # checkpoints within epoch 1, geometric: 1/2^(n-1), ..., 1/4, 1/2, 1
     every_steps: int | None = None     # or: a checkpoint every N optimiser steps
     train_images: int | None = None    # images per epoch (a seeded subset), None = all
     eval_images: int = 2000            # images used to measure each checkpoint's accuracy
@@ -176,9 +176,10 @@ def _save_steps(config: TrainConfig, steps_per_epoch: int, total_steps: int) -> 
         for s in range(config.every_steps, total_steps + 1, config.every_steps):
             at[s] = f"s{s}"
     else:
+        # geometric within epoch 1 (1/32, 1/16, ..., 1/2, 1 for n = 6): concepts and accuracy change fastest early
         n = config.first_epoch_checkpoints
-        for i in range(1, n + 1):
-            at.setdefault(max(1, round(steps_per_epoch * i / n)), epoch_tag(i / n))
+        for i in range(n - 1, -1, -1):
+            at.setdefault(max(1, round(steps_per_epoch / 2**i)), epoch_tag(1 / 2**i))
         for s in range(steps_per_epoch, total_steps + 1, steps_per_epoch):
             at[s] = epoch_tag(s / steps_per_epoch)
     at = {s: t for s, t in at.items() if s <= total_steps}
