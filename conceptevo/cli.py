@@ -161,6 +161,10 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("info", help="summarise a workspace")
     i.add_argument("workspace")
     i.set_defaults(fn=cmd_info)
+
+    from .explorer.cli import add_commands as explorer_commands
+
+    explorer_commands(sub)  # patches, figures, explore, export
     return p
 
 

@@ -63,7 +63,9 @@ def importance_command(workspace, model: str, tag_from: str, tag_to: str, class_
     png = plot_evolutions(ws, model, tag_from, tag_to, imp, top=top, examples=examples, path=out / "evolutions.png",
                           class_name=_class_name(ds, c))
     ws.finish(f"importance/{model}/{tag_from}__{tag_to}/class-{c}", hash_json([tag_from, tag_to, c, images, seed]),
-              {"images": images, "seed": seed, "class_index": c}, files=[str(p.relative_to(ws.path)) for p in (out / "scores.csv", out / "importance.npz", png)])
+              {"model": model, "from": tag_from, "to": tag_to, "class": c, "images": images, "seed": seed},
+              file=str((out / "importance.npz").relative_to(ws.path)),
+              files=[str(p.relative_to(ws.path)) for p in (out / "scores.csv", out / "importance.npz", png)])
     return {"importance": imp, "png": png, "csv": out / "scores.csv", "class_index": c}
 
 

@@ -1,0 +1,222 @@
+"""The paper's pictures as static files (matplotlib, Agg): Fig 1 (neuron groups), Fig 2 (the space), Fig 3 (one neuron).
+
+:func:`make_figures` writes all three into the workspace's ``figures/`` (PNG and PDF).
+Example patches must be computed first (:func:`conceptevo.patches.compute_patches`).
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from .. import io
+from ..errors import ConceptEvoError, WorkspaceError
+from . import analysis
+
+log = logging.getLogger(__name__)
+
+GROUP_COLOURS = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#9a6324"]
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path, formats) -> list[Path]:
+    plt = _plt()
+    out = []
+    path = Path(path)
+    for fmt in formats:
+        p = path.with_suffix("." + fmt)
+        with io.atomic_path(p, suffix="." + fmt) as tmp:
+            fig.savefig(tmp, dpi=130, format=fmt, bbox_inches="tight")
+        out.append(p)
+    plt.close(fig)
+    return out
+
+
+def _check_formats(formats: Sequence[str]) -> tuple[str, ...]:
+    formats = tuple(formats)
+    bad = [f for f in formats if f not in ("png", "pdf", "svg")]
+    if not formats or bad:
+        raise ConceptEvoError(f"formats must be some of png, pdf, svg; got {', '.join(map(repr, bad or formats))}")
+    return formats
+
+
+def _row_image(patches: np.ndarray, gap: int = 2) -> np.ndarray:
+    """``[k, P, P, C]`` uint8 -> one RGB row with white gaps."""
+    k, P, _, C = patches.shape
+    rgb = np.repeat(patches, 3, axis=-1) if C == 1 else patches
+    out = np.full((P, k * P + (k - 1) * gap, 3), 255, dtype=np.uint8)
+    for j in range(k):
+        out[:, j * (P + gap):j * (P + gap) + P] = rgb[j]
+    return out
+
+
+def _require_patches(store, pairs):
+    missing = [f"{m} {t}" for m, t in pairs if not store.has(m, t)]
+    if missing:
+        raise WorkspaceError(
+            f"no example patches for {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}; "
+            f"compute them with `conceptevo patches {store.ws.path}` (or `conceptevo figures`, which does it first)"
+        )
+
+
+def plot_neuron_groups(ws, path, formats=("png", "pdf"), groups: int = 3, per_model: int = 2, k: int = 8,
+                       patches_shown: int = 5, seed: int = 0, vectors=None) -> list[Path]:
+    """Paper Fig 1: K-means groups of the unified space, highlighted in every model, with their neurons' patches.
+
+    The groups shown are those shared by the most models (then the tightest);
+    for each, the ``per_model`` neurons nearest the group centre in each model's
+    last checkpoint, with their first ``patches_shown`` example patches.
+    """
+    from ..patches import PatchStore
+
+    formats = _check_formats(formats)
+    plt = _plt()
+    vectors = analysis.unified_vectors(ws) if vectors is None else vectors
+    lay = analysis.layouts(ws)
+    models = [m for m in ws.models if vectors.get((m, ws.tags(m)[-1])) is not None and lay.get((m, ws.tags(m)[-1])) is not None]
+    if not models:
+        raise WorkspaceError(f"the workspace {ws.path} has no projection and layout yet; run `conceptevo run` on its config")
+    last = {m: ws.tags(m)[-1] for m in models}
+    store = PatchStore(ws)
+    _require_patches(store, [(m, last[m]) for m in models])
+    labels, centres = analysis.kmeans_groups(vectors, k=k, seed=seed)
+    # groups present in the most models, then the tightest
+    score = []
+    for g in range(len(centres)):
+        present = sum(int((labels[(m, last[m])] == g).sum() >= per_model) for m in models)
+        spread = np.mean([np.linalg.norm(vectors[(m, last[m])][labels[(m, last[m])] == g] - centres[g], axis=1).mean()
+                          for m in models if (labels[(m, last[m])] == g).any()] or [np.inf])
+        score.append((-present, spread, g))
+    chosen = [g for _, _, g in sorted(score)[:groups]]
+    nrow = len(chosen)
+    fig = plt.figure(figsize=(3.0 * len(models) + 0.2, 2.8 + 1.0 * nrow))
+    gs = fig.add_gridspec(1 + nrow, len(models), height_ratios=[2.6] + [1.0] * nrow, hspace=0.35, wspace=0.08)
+    for c, m in enumerate(models):
+        ax = fig.add_subplot(gs[0, c])
+        xy = lay[(m, last[m])]
+        ax.scatter(xy[:, 0], xy[:, 1], s=3, c="#cccccc", linewidths=0)
+        for i, g in enumerate(chosen):
+            sel = labels[(m, last[m])] == g
+            ax.scatter(xy[sel, 0], xy[sel, 1], s=9, c=GROUP_COLOURS[i % len(GROUP_COLOURS)], linewidths=0, label=f"group {i + 1}")
+        acc = ws.checkpoints(m)[-1].metrics.get("train_top1")
+        ax.set_title(f"{m} {last[m]}" + (f" (acc {acc:.2f})" if acc is not None else ""), fontsize=8)
+        ax.set_xticks([]), ax.set_yticks([])
+        if c == 0:
+            ax.legend(fontsize=6, loc="best", markerscale=1.5, frameon=False)
+        ids = analysis.neuron_ids(ws, m, last[m])
+        v = vectors[(m, last[m])]
+        for i, g in enumerate(chosen):
+            ax2 = fig.add_subplot(gs[1 + i, c])
+            ax2.axis("off")
+            rows = np.flatnonzero(labels[(m, last[m])] == g)
+            if len(rows) == 0:
+                ax2.text(0.5, 0.5, "no neuron in this group", ha="center", va="center", fontsize=7, color="#777")
+                continue
+            rows = rows[np.argsort(np.linalg.norm(v[rows] - centres[g], axis=1))][:per_model]
+            strips = [_row_image(store.patches(m, last[m], int(r))[:patches_shown]) for r in rows]
+            width = max(s.shape[1] for s in strips)
+            stack = np.full((sum(s.shape[0] for s in strips) + 3 * (len(strips) - 1), width, 3), 255, np.uint8)
+            y = 0
+            for s in strips:
+                stack[y:y + s.shape[0], :s.shape[1]] = s
+                y += s.shape[0] + 3
+            ax2.imshow(stack, interpolation="nearest")
+            ax2.set_title(", ".join(ids[int(r)] for r in rows), fontsize=6, color=GROUP_COLOURS[i % len(GROUP_COLOURS)])
+    fig.suptitle("Neuron groups of the unified space (K-means), across models, with example patches", fontsize=9)
+    return _save(fig, path, formats)
+
+
+def plot_neuron_evolution(ws, path, neuron: str | None = None, model: str | None = None, formats=("png", "pdf"),
+                          patches_shown: int | None = None, vectors=None) -> list[Path]:
+    """Paper Fig 3: one neuron's path through the unified space over training, with its patches at each checkpoint.
+
+    Default: the base model's neuron whose vector travelled furthest.
+    """
+    from ..layers import split_neuron_id
+    from ..patches import PatchStore
+
+    formats = _check_formats(formats)
+    plt = _plt()
+    model = model or ws.base[0]
+    if model not in ws.models:
+        raise WorkspaceError(f"model {model!r} is not in this study; models: {', '.join(ws.models)}")
+    vectors = analysis.unified_vectors(ws) if vectors is None else vectors
+    lay = analysis.layouts(ws)
+    tags = [t for t in ws.tags(model) if lay.get((model, t)) is not None]
+    if not tags:
+        raise WorkspaceError(f"no 2-D layout for {model} yet; run `conceptevo run` on the study's config")
+    if neuron is None:
+        neuron = analysis.most_moving_neuron(ws, model, vectors) or analysis.neuron_ids(ws, model, tags[-1])[0]
+    split_neuron_id(neuron)  # validates the form
+    ids = analysis.neuron_ids(ws, model, tags[-1])
+    if neuron not in ids:
+        from ..errors import suggest
+
+        raise ConceptEvoError(f"neuron {neuron!r} is not in {model}.{suggest(neuron, ids)} Ids look like {ids[0]!r}")
+    row = ids.index(neuron)
+    store = PatchStore(ws)
+    _require_patches(store, [(model, t) for t in tags])
+    cks = {c.tag: c for c in ws.checkpoints(model)}
+    k_all = store.geometry(model, tags[0]).per_entry
+    k = k_all if patches_shown is None else max(1, min(int(patches_shown), k_all))
+    rows_img = [_row_image(store.patches(model, t, row)[:k]) for t in tags]
+    gap = max(2, rows_img[0].shape[0] // 6)
+    P = rows_img[0].shape[0]
+    grid = np.full((len(tags) * (P + gap) - gap, rows_img[0].shape[1], 3), 255, np.uint8)
+    for i, r in enumerate(rows_img):
+        grid[i * (P + gap):i * (P + gap) + P] = r
+    aspect = grid.shape[0] / grid.shape[1]
+    width_r = 0.6 * k
+    fig = plt.figure(figsize=(4.0 + width_r + 0.6, max(3.4, width_r * aspect + 0.9)))
+    gs = fig.add_gridspec(1, 2, width_ratios=[4.0, width_r], wspace=0.18)
+    ax = fig.add_subplot(gs[0, 0])
+    bg = lay[(model, tags[-1])]
+    ax.scatter(bg[:, 0], bg[:, 1], s=3, c="#d8d8d8", linewidths=0)
+    path_xy = np.array([lay[(model, t)][row] for t in tags])
+    cmap = plt.get_cmap("plasma")
+    ax.plot(path_xy[:, 0], path_xy[:, 1], "-", color="#555", lw=1, zorder=2)
+    for i, t in enumerate(tags):
+        col = cmap(i / max(1, len(tags) - 1) * 0.85)
+        ax.scatter(*path_xy[i], s=36, color=col, zorder=3, edgecolors="k", linewidths=0.4)
+        ax.annotate(t, path_xy[i], textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ax.set_xticks([]), ax.set_yticks([])
+    ax.set_title("path through the unified space", fontsize=8)
+    a = fig.add_subplot(gs[0, 1])
+    a.imshow(grid, interpolation="nearest")
+    a.set_xticks([])
+    a.set_yticks([i * (P + gap) + P / 2 for i in range(len(tags))])
+    labels = []
+    for t in tags:
+        acc = cks[t].metrics.get("train_top1")
+        labels.append(f"{t}" + (f"\nacc {acc:.2f}" if acc is not None else ""))
+    a.set_yticklabels(labels, fontsize=7)
+    a.tick_params(length=0)
+    for side in a.spines.values():
+        side.set_visible(False)
+    a.set_title("example patches", fontsize=8)
+    fig.suptitle(f"Evolution of neuron {neuron} ({model}); right: its example patches at each checkpoint", fontsize=9)
+    return _save(fig, path, formats)
+
+
+def make_figures(ws, out: str | Path | None = None, formats=("png", "pdf"), neuron: str | None = None,
+                 model: str | None = None, groups: int = 3, k: int = 8, seed: int = 0) -> list[Path]:
+    """Write Fig 2 (space.*), Fig 1 (groups.*) and Fig 3 (evolution.*) into ``out`` (default: the workspace's figures/)."""
+    from .space import plot_space_grid
+
+    formats = _check_formats(formats)
+    out = Path(out) if out is not None else ws.figures_dir
+    vectors = analysis.unified_vectors(ws)
+    paths = list(plot_space_grid(ws, out / "space.png", formats=formats))
+    paths += plot_neuron_groups(ws, out / "groups.png", formats=formats, groups=groups, k=k, seed=seed, vectors=vectors)
+    paths += plot_neuron_evolution(ws, out / "evolution.png", neuron=neuron, model=model, formats=formats, vectors=vectors)
+    return paths
