@@ -17,7 +17,7 @@ from . import distributed as ddp
 from .config import DataConfig, StudyConfig
 from .data import open_dataset, sample_pool
 from .errors import ConceptEvoError, suggest
-from .io import hash_json, save_npy
+from .io import hash_json, load_npy, save_npy
 from .models import build_model, list_checkpoints, load_checkpoint
 from .models.checkpoints import checkpoint_hash
 from .stimuli import Stimuli, find_stimuli, top_responses
@@ -181,7 +181,7 @@ def _run(ws: Workspace, config: StudyConfig, progress: bool, trust: bool) -> Wor
                              device=sp.device, progress=progress, num_images=num_images)
         save_npy(resp_path, resp)
         ws.finish("embedding/responses", resp_key, {"top_responses": ip.top_responses})
-    responses = np.load(resp_path)
+    responses = load_npy(resp_path)
 
     # 4. image embedding
     img_key = hash_json([emb_key, resp_key])
@@ -222,11 +222,18 @@ def _run(ws: Workspace, config: StudyConfig, progress: bool, trust: bool) -> Wor
                 save_npy(ws.layout_path(m.name, row["tag"]), layout.transform(ws.projection(m.name, row["tag"]).vectors))
         ws.finish("layout", lay_key, dataclasses.asdict(lp))
 
-    # 7. the picture of the space per checkpoint, side by side
-    from .report import plot_space_grid
+    # 7. example patches of every neuron at every checkpoint (from the recorded argmax positions; no data pass)
+    from .patches import compute_patches
 
-    fig_key = hash_json([lay_key])
-    if not ws.is_done("figures/space", fig_key):
-        paths = plot_space_grid(ws, ws.figures_dir / "space.png")
-        ws.finish("figures/space", fig_key, files=[str(Path(p).relative_to(ws.path)) for p in paths])
+    with _Timer("example patches"):
+        compute_patches(ws, progress=progress, trust=trust)
+
+    # 8. the pictures: the space per checkpoint side by side (Fig 2), neuron groups (Fig 1), an evolution (Fig 3)
+    from .report import make_figures
+
+    fig_key = hash_json([lay_key, [ws.stage(n)["key"] for n in sorted(ws.manifest["stages"]) if n.startswith("patches/")]])
+    if not ws.is_done("figures", fig_key):
+        with _Timer("figures"):
+            paths = make_figures(ws)
+        ws.finish("figures", fig_key, files=[str(Path(p).relative_to(ws.path)) for p in paths])
     return ws
