@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 FMNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: install data demo demo-quick test bench clean
+.PHONY: install data browser demo demo-quick test bench clean
 
 install: $(STAMP)
 
@@ -27,13 +27,22 @@ data:
 	  else echo "note: Fashion-MNIST not found and apt-get unavailable; the demo will use generated data"; fi; \
 	fi
 
+# Debian's Chromium for the explorer's browser tests (they skip cleanly without it).
+browser:
+	@if [ ! -x /usr/bin/chromium ]; then \
+	  if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	    (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) \
+	      || echo "warning: could not install chromium; browser tests will be skipped"; \
+	  else echo "note: chromium not found; browser tests will be skipped"; fi; \
+	fi
+
 demo: install data
 	$(BIN)/conceptevo demo
 
 demo-quick: install data
 	$(BIN)/conceptevo demo --quick --out demo-out-quick
 
-test: install data
+test: install data browser
 	$(BIN)/python -m pytest -q
 
 bench: install data
