@@ -59,7 +59,8 @@ def test_two_processes_equal_one(tmp_path):
     for r in (0, 1):
         got = np.load(tmp_path / f"r{r}.npz")
         np.testing.assert_array_equal(got["i"], ref.indices)
-        np.testing.assert_array_equal(got["v"], ref.values)
+        # strengths agree to float rounding: a batch's composition can change a convolution's summation order
+        np.testing.assert_allclose(got["v"], ref.values, rtol=1e-5, atol=1e-7)
         np.testing.assert_array_equal(got["p"], ref.positions)
         np.testing.assert_allclose(got["m"], ref.mean, rtol=1e-5)
         np.testing.assert_allclose(got["sd"], ref.std, rtol=1e-4, atol=1e-6)
