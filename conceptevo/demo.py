@@ -28,9 +28,9 @@ MODELS = [("vgg", "vgg_like"), ("vgg-nodropout", "vgg_like_nodropout"), ("resnet
 @dataclasses.dataclass(frozen=True)
 class DemoSettings:
     epochs: float = 3
-    train_images: int = 12000      # images per training epoch (a seeded subset of the 60,000)
+    train_images: int = 8000       # images per training epoch (a seeded subset of the 60,000)
     first_epoch_checkpoints: int = 6   # 1/32, 1/16, 1/8, 1/4, 1/2 and 1 epoch
-    pool: int = 5000               # stimulus image pool
+    pool: int = 3000               # stimulus image pool
     embedding_epochs: int = 300
     width: int = 16
 
