@@ -55,7 +55,15 @@ def cmd_train(args) -> int:
     tc = TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
                      every_steps=args.every_steps, first_epoch_checkpoints=args.first_epoch_checkpoints,
                      train_images=args.train_images, device=args.device)
-    cks = train(model, train_set, test_set, args.out, tc, progress=not args.no_progress)
+    from .diagnostics.cli import train_monitor
+
+    monitor = train_monitor(args)
+    cks = train(model, train_set, test_set, args.out, tc, progress=not args.no_progress, callbacks=[monitor] if monitor else [])
+    if monitor:
+        from pathlib import Path
+
+        monitor.save(Path(args.out) / "monitor.json")
+        print(monitor.summary())
     for c in cks:
         print(f"{c.tag:>8}  train top-1 {c.metrics['train_top1']:.3f}  test top-1 {c.metrics['test_top1']:.3f}  {c.path}")
     return 0
@@ -131,6 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--train-images", type=int, default=None, help="images per epoch (a seeded subset)")
     t.add_argument("--device", default="cpu")
     t.add_argument("--no-progress", action="store_true")
+    from .diagnostics.cli import add_commands as diagnostics_commands, add_monitor_arguments
+
+    add_monitor_arguments(t)  # --monitor BASE_WORKSPACE: concept diversity and collapse warnings while training
     t.set_defaults(fn=cmd_train)
 
     im = sub.add_parser("importance", help="rank the concept evolutions t -> t' that matter for a class (Eqs 5-7)")
@@ -165,6 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .explorer.cli import add_commands as explorer_commands
 
     explorer_commands(sub)  # patches, figures, explore, export
+    diagnostics_commands(sub)  # diagnose, evaluate-alignment
     return p
 
 
