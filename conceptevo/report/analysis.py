@@ -119,17 +119,13 @@ def distance_moved(ws, vectors: dict) -> dict[tuple[str, str], np.ndarray | None
 
 
 def diversity(vectors: np.ndarray) -> float:
-    """Concept diversity (METHOD §9): the differential entropy of each dimension over the neurons, averaged.
+    """Concept diversity (METHOD §9), the same definition as ``conceptevo diagnose``.
 
-    Estimator: ``scipy.stats.differential_entropy`` (Vasicek's m-spacing estimator) per dimension.
+    See :func:`conceptevo.diagnostics.metrics.diversity` (Kozachenko-Leonenko kNN estimator per dimension).
     """
-    from scipy.stats import differential_entropy
+    from ..diagnostics.metrics import diversity as _diversity
 
-    v = np.asarray(vectors, dtype=np.float64)
-    v = v[np.isfinite(v).all(1)]
-    if len(v) < 4:
-        return float("nan")
-    return float(np.mean([differential_entropy(v[:, d]) for d in range(v.shape[1])]))
+    return _diversity(vectors)
 
 
 def curves(ws, vectors: dict, moved: dict) -> dict[str, dict]:
