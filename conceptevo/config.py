@@ -1,7 +1,8 @@
 """Study configuration: small frozen dataclasses per stage, read from TOML.
 
 Unknown or mistyped keys are errors that name the key and suggest the nearest
-valid one.
+valid one; a value of the wrong type (a string for a number, a number for a
+table...) is an error naming the key and the type it needs.
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ class DataConfig:
     def validate(self):
         if self.pool is not None:
             check_positive("data.pool", self.pool, integer=True)
+        _check_seed("data.seed", self.seed)
 
 
 @dataclass(frozen=True)
@@ -35,8 +37,12 @@ class ModelConfig:
     options: dict = field(default_factory=dict)
 
     def validate(self):
-        if not self.name or any(c in self.name for c in "/\\:") or self.name in (".", ".."):
+        if not self.name or any(c in self.name for c in "/\\:\x00") or self.name in (".", ".."):
             raise ConceptEvoError(f"model name {self.name!r} must be a plain name (letters, digits, '-', '_')")
+        cks = self.checkpoints
+        if not (isinstance(cks, str) and cks) and not (
+                isinstance(cks, (list, tuple)) and cks and all(isinstance(c, str) and c for c in cks)):
+            raise ConceptEvoError(f"model {self.name!r}: checkpoints must be a folder or a non-empty list of files, got {cks!r}")
 
 
 @dataclass(frozen=True)
@@ -55,6 +61,8 @@ class StimuliConfig:
     def validate(self):
         check_positive("stimuli.k", self.k, integer=True)
         check_positive("stimuli.batch_size", self.batch_size, integer=True)
+        if self.layers is not None and not all(isinstance(x, str) and x for x in self.layers):
+            raise ConceptEvoError(f"stimuli.layers must be a list of layer names or globs, got {self.layers!r}")
 
 
 @dataclass(frozen=True)
@@ -71,6 +79,7 @@ class EmbeddingConfig:
         check_positive("embedding.epochs", self.epochs, integer=True)
         if isinstance(self.negatives, bool) or not isinstance(self.negatives, int) or self.negatives < 0:
             raise ConceptEvoError(f"embedding.negatives must be a non-negative integer, got {self.negatives!r}")
+        _check_seed("embedding.seed", self.seed)
 
 
 @dataclass(frozen=True)
@@ -89,6 +98,7 @@ class LayoutConfig:
 
     def validate(self):
         check_positive("layout.n_neighbors", self.n_neighbors, integer=True)
+        _check_seed("layout.seed", self.seed)
 
 
 @dataclass(frozen=True)
@@ -103,6 +113,12 @@ class StudyConfig:
     layout: LayoutConfig = LayoutConfig()
 
     def validate(self) -> "StudyConfig":
+        _check_plain("config", self.to_dict())
+        for where, p in [("[study] out", self.out), ("[data] path", self.data.path)] + [
+                (f"model {m.name!r} checkpoints", c) for m in self.models
+                for c in (m.checkpoints if isinstance(m.checkpoints, list) else [m.checkpoints])]:
+            if isinstance(p, str) and "\x00" in p:
+                raise ConceptEvoError(f"{where} {p!r} contains a NUL character, which no path can hold")
         for part in (self.data, self.stimuli, self.embedding, self.images, self.layout, *self.models):
             if hasattr(part, "validate"):
                 part.validate()
@@ -131,20 +147,27 @@ class StudyConfig:
         out = d.pop("out", None) or study.get("out")
         if not out:
             raise ConceptEvoError("the config names no output folder; add [study] out = \"my-study\"")
+        if not isinstance(out, str):
+            raise ConceptEvoError(f"[study] out must be a folder name (a string), got {out!r}")
         models_raw = d.pop("models", None)
         if not models_raw:
             raise ConceptEvoError("the config names no model; add a [[models]] table with name, arch and checkpoints")
+        if not isinstance(models_raw, list):
+            raise ConceptEvoError("models must be an array of tables: write each model as a [[models]] table")
         models = [_build(ModelConfig, m, "[[models]]") for m in models_raw]
         data = _build(DataConfig, d.pop("data", {}), "[data]")
-        if root is not None:
-            out = str((root / out).resolve()) if not Path(out).is_absolute() else out
-            if data.path and not Path(data.path).is_absolute():
-                data = dataclasses.replace(data, path=str((root / data.path).resolve()))
-            models = [dataclasses.replace(m, checkpoints=_resolve_paths(m.checkpoints, root)) for m in models]
         sections = {name: _build(typ, d.pop(name, {}) or {}, f"[{name}]") for name, typ in
                     (("base", BaseConfig), ("stimuli", StimuliConfig), ("embedding", EmbeddingConfig),
                      ("images", ImagesConfig), ("layout", LayoutConfig))}
-        return cls(out=out, data=data, models=models, **sections).validate()
+        config = cls(out=out, data=data, models=models, **sections).validate()
+        if root is None:
+            return config
+        # paths relative to the config file (only once every value is known to be well-typed)
+        out = str((root / out).resolve()) if not Path(out).is_absolute() else out
+        if data.path and not Path(data.path).is_absolute():
+            data = dataclasses.replace(data, path=str((root / data.path).resolve()))
+        models = [dataclasses.replace(m, checkpoints=_resolve_paths(m.checkpoints, root)) for m in models]
+        return dataclasses.replace(config, out=out, data=data, models=models)
 
 
 def _resolve_paths(value, root: Path):
@@ -161,6 +184,48 @@ def _check_keys(where: str, d: dict, valid: set[str]) -> None:
             raise ConceptEvoError(f"unknown key {key!r} in {where}.{suggest(key, valid)} Valid keys: {', '.join(sorted(valid))}")
 
 
+def _check_plain(where: str, value) -> None:
+    """The config is saved as JSON in the workspace: only strings, numbers, booleans, lists and tables."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _check_plain(f"{where}.{k}", v)
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _check_plain(f"{where}[{i}]", v)
+    elif value is not None and not isinstance(value, (str, int, float, bool)):
+        raise ConceptEvoError(f"{where} is a {type(value).__name__} ({value!r}); config values must be strings, "
+                              "numbers, booleans, lists or tables (write dates and times as strings)")
+
+
+def _check_seed(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConceptEvoError(f"{name} must be a non-negative integer, got {value!r}")
+
+
+#: Annotation names used by the config dataclasses -> the TOML value types they accept.
+_TYPES = {"str": (str,), "int": (int,), "float": (int, float), "bool": (bool,), "dict": (dict,), "list": (list,),
+          "None": (type(None),), "Any": (object,)}
+_TYPE_WORDS = {"str": "a string", "int": "an integer", "float": "a number", "bool": "true or false",
+               "dict": "a table", "list": "a list", "None": "omitted"}
+
+
+def _check_type(where: str, key: str, value, annotation) -> None:
+    """Raise a ConceptEvoError unless ``value`` fits ``annotation`` (e.g. ``"int | None"``)."""
+    names = [a.strip() for a in str(annotation).split("|")]
+    for name in names:
+        types = _TYPES.get(name, (object,))
+        if isinstance(value, bool) and bool not in types and object not in types:
+            continue  # TOML true/false is not a number
+        if isinstance(value, types):
+            return
+    wanted = " or ".join(_TYPE_WORDS.get(n, n) for n in names if n != "None")
+    if names == ["int"] and isinstance(value, float):
+        wanted = "an integer"
+    elif "int" in names or "float" in names:
+        wanted = "a number" + (" (an integer)" if "float" not in names else "")
+    raise ConceptEvoError(f"{where} {key} must be {wanted}, got {value!r}")
+
+
 def _build(cls, d: dict, where: str):
     _check_keys(where, d, {f.name for f in dataclasses.fields(cls)})
     hints = {f.name: f for f in dataclasses.fields(cls)}
@@ -168,11 +233,7 @@ def _build(cls, d: dict, where: str):
     if missing:
         raise ConceptEvoError(f"{where} is missing {', '.join(repr(m) for m in missing)}")
     for key, value in d.items():
-        default = hints[key].default
-        if isinstance(default, bool) != isinstance(value, bool) and default is not dataclasses.MISSING and default is not None:
-            raise ConceptEvoError(f"{where} {key} must be {type(default).__name__}, got {value!r}")
-        if isinstance(default, (int, float)) and not isinstance(default, bool) and not isinstance(value, (int, float)):
-            raise ConceptEvoError(f"{where} {key} must be a number, got {value!r}")
+        _check_type(where, key, value, hints[key].type)
     return cls(**d)
 
 
@@ -182,7 +243,13 @@ def load_config(path) -> StudyConfig:
     if not path.exists():
         raise ConceptEvoError(f"config file {path} does not exist; write one (see `conceptevo init-config`) or fix the path")
     try:
-        raw = tomllib.loads(path.read_text())
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as e:
         raise ConceptEvoError(f"config file {path} is not valid TOML: {e}") from None
+    except RecursionError:
+        raise ConceptEvoError(f"config file {path} is not valid TOML: arrays or tables nested too deeply") from None
+    except UnicodeDecodeError as e:
+        raise ConceptEvoError(f"config file {path} is not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8") from None
+    except IsADirectoryError:
+        raise ConceptEvoError(f"config path {path} is a folder; give the .toml file") from None
     return StudyConfig.from_dict(raw, root=path.parent.resolve())

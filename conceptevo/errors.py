@@ -7,6 +7,7 @@ traceback.
 from __future__ import annotations
 
 import difflib
+import math
 
 
 class ConceptEvoError(ValueError):
@@ -29,6 +30,14 @@ class WorkspaceError(ConceptEvoError):
     pass
 
 
+class DamagedFileError(WorkspaceError):
+    """A file conceptevo reads (a workspace array or record) is missing, truncated or not what it should be."""
+
+
+class StorageError(ConceptEvoError):
+    """A write failed for lack of space (or quota); nothing half-written was kept."""
+
+
 def suggest(name: str, options, n: int = 3) -> str:
     """' Did you mean X?' when a near match exists, else ''."""
     close = difflib.get_close_matches(str(name), [str(o) for o in options], n=n, cutoff=0.5)
@@ -45,7 +54,9 @@ def check_positive(name: str, value, integer: bool = False) -> None:
     else:
         try:
             value = float(value)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             raise ConceptEvoError(f"{name} must be a positive number, got {value!r}") from None
     if not value > 0:
         raise ConceptEvoError(f"{name} must be positive, got {value!r}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConceptEvoError(f"{name} must be a finite number, got {value!r}")

@@ -1,17 +1,29 @@
 """Atomic, durable file writes: temporary file in the same folder, fsync, rename.
 
-A reader never sees a half-written file under its final name.
+A reader never sees a half-written file under its final name. A write that
+fails (a full disk included) leaves the old file, if any, untouched and no
+temporary file behind. Readers turn a missing, truncated or foreign file into a
+:class:`~conceptevo.errors.DamagedFileError` naming it.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import re
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+
+from .errors import DamagedFileError, StorageError
+
+#: Temporary files are named ``.NAME.~PID~RANDOM[SUFFIX].tmp`` next to their target (PID: the writer's).
+TEMP_SUFFIX = ".tmp"
+_TEMP_PID = re.compile(r"\.~(\d+)~[^/]*\.tmp$")
+_NO_SPACE = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC), errno.EFBIG}
 
 
 @contextmanager
@@ -19,7 +31,12 @@ def atomic_path(path: str | os.PathLike, suffix: str = ""):
     """Yield a temporary path next to ``path``; on success fsync it and rename it into place."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix + ".tmp", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.~{os.getpid()}~", suffix=suffix + TEMP_SUFFIX, dir=path.parent)
+    except OSError as e:
+        if e.errno in _NO_SPACE:
+            raise _no_space(path, e) from e
+        raise
     os.close(fd)
     try:
         yield Path(tmp)
@@ -27,12 +44,61 @@ def atomic_path(path: str | os.PathLike, suffix: str = ""):
             os.fsync(f.fileno())
         os.replace(tmp, path)
         _fsync_dir(path.parent)
-    except BaseException:
+    except BaseException as e:
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
+        if isinstance(e, OSError) and e.errno in _NO_SPACE:
+            raise _no_space(path, e) from e
         raise
+
+
+def _no_space(path: Path, e: OSError) -> StorageError:
+    return StorageError(
+        f"no space left to write {path} ({e.strerror or e}); nothing half-written was kept: "
+        "free some space and rerun (finished stages are kept)"
+    )
+
+
+def _damaged(path, e: BaseException) -> DamagedFileError:
+    detail = (str(e).splitlines() or [""])[0][:160]
+    return DamagedFileError(
+        f"cannot read {path} ({type(e).__name__}: {detail}); the file is damaged or not one conceptevo wrote "
+        "(its writes are atomic, so it was truncated or changed afterwards): restore it, "
+        "or recompute into a new folder with `conceptevo run`"
+    )
+
+
+def remove_orphan_temporaries(folder) -> int:
+    """Delete temporary files under ``folder`` left by writers that no longer run (killed mid-write).
+
+    Only files named as :func:`atomic_path` names them, and only those whose
+    writer's process id is gone, are removed. Returns how many were removed.
+    """
+    removed = 0
+    for p in Path(folder).rglob(f".*{TEMP_SUFFIX}"):
+        m = _TEMP_PID.search(p.name)
+        if m is None or not p.is_file() or _pid_alive(int(m.group(1))):
+            continue
+        try:
+            p.unlink()
+            removed += 1
+        except FileNotFoundError:
+            pass
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -58,8 +124,14 @@ def write_json(path, obj) -> None:
 
 
 def read_json(path):
-    with open(path, "rb") as f:
-        return json.loads(f.read().decode())
+    """Parse a JSON file; a missing or undecodable file is a DamagedFileError naming it."""
+    try:
+        with open(path, "rb") as f:
+            return json.loads(f.read().decode())
+    except FileNotFoundError:
+        raise DamagedFileError(f"{path} is missing; restore it, or recompute into a new folder with `conceptevo run`") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise _damaged(path, e) from None
 
 
 def save_npy(path, array) -> None:
@@ -69,7 +141,19 @@ def save_npy(path, array) -> None:
 
 
 def load_npy(path, mmap: bool = False) -> np.ndarray:
-    return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    """Read a ``.npy`` array (never a pickle); a missing, truncated or foreign file is a DamagedFileError."""
+    try:
+        arr = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except FileNotFoundError:
+        raise DamagedFileError(f"{path} is missing; restore it, or recompute into a new folder with `conceptevo run`") from None
+    except Exception as e:  # numpy raises ValueError, OSError, EOFError, zipfile errors... on junk
+        raise _damaged(path, e) from None
+    if not isinstance(arr, np.ndarray):  # a .npz archive under a .npy name
+        close = getattr(arr, "close", None)
+        if close:
+            close()
+        raise _damaged(path, ValueError("not a single .npy array"))
+    return arr
 
 
 def file_sha256(path, chunk: int = 1 << 20) -> str:

@@ -17,19 +17,27 @@ Arrays are ``.npy`` (readable with ``mmap_mode="r"``). The manifest lists, for
 each stage, its parameters and a key hashing its parameters and inputs; a stage
 counts as finished only when its record is in the manifest, and the record is
 written (atomically) after the stage's files are durable. A rerun skips stages
-whose key is unchanged.
+whose key is unchanged; a record whose key no longer matches is dropped as soon
+as :meth:`Workspace.is_done` says so, before the stage's files are rewritten,
+so a crash mid-rewrite never leaves a record vouching for mixed files.
+
+The manifest and the files are checked when read: a damaged or hand-edited
+manifest, or a truncated array, is a :class:`~conceptevo.errors.WorkspaceError`
+(:class:`~conceptevo.errors.DamagedFileError`) naming the file, never a
+traceback from deep inside.
 """
 from __future__ import annotations
 
 import datetime as _dt
 import logging
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 
-from .errors import WorkspaceError
-from .io import load_npy, read_json, write_json
+from .errors import ConceptEvoError, DamagedFileError, WorkspaceError
+from .io import load_npy, read_json, remove_orphan_temporaries, write_json
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +57,12 @@ class Workspace:
     def __init__(self, path, create: bool = False):
         self.path = Path(path)
         self.manifest_path = self.path / "manifest.json"
+        if self.path.exists() and not self.path.is_dir():
+            raise WorkspaceError(f"{self.path} is a file, not a workspace folder; give the study's output folder")
         if self.manifest_path.exists():
             self.manifest = read_json(self.manifest_path)
+            if not isinstance(self.manifest, dict):
+                raise _bad_manifest(self.manifest_path, f"it holds a JSON {type(self.manifest).__name__}, not an object")
             if self.manifest.get("format") != FORMAT:
                 raise WorkspaceError(f"{self.path} is not a conceptevo workspace (manifest format {self.manifest.get('format')!r})")
             v = self.manifest.get("version")
@@ -59,6 +71,7 @@ class Workspace:
                     f"workspace {self.path} has format version {v}, this conceptevo reads version {VERSION}; "
                     "rerun `conceptevo run` into a new directory"
                 )
+            _check_manifest(self.manifest, self.manifest_path)
         elif create:
             self.path.mkdir(parents=True, exist_ok=True)
             self.manifest = {"format": FORMAT, "version": VERSION, "config": {}, "stages": {}}
@@ -74,8 +87,18 @@ class Workspace:
         return self.manifest["stages"].get(name)
 
     def is_done(self, name: str, key: str) -> bool:
+        """True when stage ``name`` finished with inputs ``key``.
+
+        A record made with other inputs is dropped (and the manifest saved)
+        before returning False: the caller is about to rewrite the stage's
+        files, and a crash while it does so must not leave the old record
+        vouching for a mix of old and new files.
+        """
         rec = self.stage(name)
-        return rec is not None and rec.get("key") == key
+        if rec is not None and rec.get("key") != key:
+            self.invalidate(name)
+            return False
+        return rec is not None
 
     def finish(self, name: str, key: str, params: dict | None = None, **info) -> None:
         """Record a stage as finished (call after its files are written)."""
@@ -114,6 +137,20 @@ class Workspace:
         return self.path / "figures"
 
     # -- reading results -----------------------------------------------------------------------------
+    @contextmanager
+    def _reading(self, what: str, where):
+        """Turn damage found while decoding ``where`` (bad JSON shapes, mismatched arrays) into a WorkspaceError."""
+        try:
+            yield
+        except ConceptEvoError as e:
+            if isinstance(e, WorkspaceError):
+                raise
+            raise DamagedFileError(f"the {what} in {where} is inconsistent ({e}); restore the folder, "
+                                   "or recompute into a new folder with `conceptevo run`") from e
+        except (KeyError, TypeError, IndexError, AttributeError, ValueError) as e:
+            raise DamagedFileError(f"the {what} in {where} is damaged ({type(e).__name__}: {str(e)[:120]}); restore the folder, "
+                                   "or recompute into a new folder with `conceptevo run`") from e
+
     def _require(self, name: str, what: str):
         if self.stage(name) is None:
             raise WorkspaceError(f"the workspace {self.path} has no {what} yet; run `conceptevo run` on its config to compute it")
@@ -143,32 +180,43 @@ class Workspace:
         from .stimuli import Stimuli
 
         self._require(f"stimuli/{model}/{tag}", f"stimuli for {model} {tag}")
-        return Stimuli.load(self.stimuli_dir(model, tag), mmap=mmap)
+        folder = self.stimuli_dir(model, tag)
+        with self._reading("stimuli", folder):
+            return Stimuli.load(folder, mmap=mmap)
 
     def neuron_embedding(self):
         from .embedding import NeuronEmbedding
 
         self._require("embedding/neurons", "base neuron embedding")
-        return NeuronEmbedding.load(self.path / "embedding" / "neurons")
+        folder = self.path / "embedding" / "neurons"
+        with self._reading("neuron embedding", folder):
+            return NeuronEmbedding.load(folder)
 
     def image_embedding(self):
         from .embedding import ImageEmbedding
 
         self._require("embedding/images", "image embedding")
-        return ImageEmbedding.load(self.path / "embedding" / "images")
+        folder = self.path / "embedding" / "images"
+        with self._reading("image embedding", folder):
+            return ImageEmbedding.load(folder)
 
     def projection(self, model: str, tag: str):
         """A checkpoint's neurons in the unified space (a NeuronEmbedding)."""
         from .embedding import NeuronEmbedding
 
         self._require(f"projection/{model}/{tag}", f"projection of {model} {tag}")
-        ids = read_json(self.stimuli_dir(model, tag) / "neurons.json")["neuron_ids"]
-        return NeuronEmbedding(neuron_ids=ids, vectors=load_npy(self.projection_path(model, tag)))
+        with self._reading("projection", self.projection_path(model, tag).parent):
+            ids = read_json(self.stimuli_dir(model, tag) / "neurons.json")["neuron_ids"]
+            return NeuronEmbedding(neuron_ids=ids, vectors=load_npy(self.projection_path(model, tag)))
 
     def layout(self, model: str, tag: str) -> np.ndarray:
         """``[neurons, 2]`` coordinates of a checkpoint's neurons in the shared 2-D frame."""
         self._require("layout", "2-D layout")
-        return load_npy(self.layout_path(model, tag))
+        xy = load_npy(self.layout_path(model, tag))
+        if xy.ndim != 2 or xy.shape[1] != 2:
+            raise DamagedFileError(f"{self.layout_path(model, tag)} holds an array of shape {xy.shape}, not [neurons, 2]; "
+                                   "restore it, or recompute into a new folder with `conceptevo run`")
+        return xy
 
     def dataset(self, split: str = "train"):
         """The study's dataset, opened as the config names it."""
@@ -184,8 +232,8 @@ class Workspace:
         if self.manifest.get("base"):
             lines.append(f"  base: {self.base[0]} {self.base[1]}")
         rec = self.stage("embedding/images")
-        if rec:
-            lines.append(f"  image embedding RMSE {rec.get('rmse', float('nan')):.4f}")
+        if rec and isinstance(rec.get("rmse"), (int, float)):
+            lines.append(f"  image embedding RMSE {rec['rmse']:.4f}")
         lines.append(f"  stages finished: {len(self.manifest['stages'])}")
         return "\n".join(lines)
 
@@ -203,6 +251,9 @@ class WorkspaceLock:
                 fd = os.open(self.file, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
                 os.write(fd, str(os.getpid()).encode())
                 os.close(fd)
+                removed = remove_orphan_temporaries(self.file.parent)
+                if removed:
+                    log.warning("removed %d temporary file(s) left by a process that was killed mid-write", removed)
                 return self
             except FileExistsError:
                 try:
@@ -220,6 +271,38 @@ class WorkspaceLock:
 
     def __exit__(self, *exc):
         self.file.unlink(missing_ok=True)
+
+
+def _bad_manifest(path, what: str) -> DamagedFileError:
+    return DamagedFileError(f"the manifest {path} is damaged: {what}; conceptevo writes it atomically, so it was "
+                            "changed afterwards: restore it, or recompute into a new folder with `conceptevo run`")
+
+
+def _check_manifest(m: dict, path) -> None:
+    """Check the manifest's structure (what the readers rely on); raise DamagedFileError naming the first problem."""
+    def need(cond, what):
+        if not cond:
+            raise _bad_manifest(path, what)
+
+    stages = m.get("stages")
+    need(isinstance(stages, dict), "'stages' is not an object")
+    for name, rec in stages.items():
+        need(isinstance(rec, dict) and isinstance(rec.get("key"), str), f"stage {name!r} has no record with a string 'key'")
+    need(isinstance(m.get("config", {}), dict), "'config' is not an object")
+    models = m.get("models", {})
+    need(isinstance(models, dict), "'models' is not an object")
+    for name, info in models.items():
+        need(isinstance(info, dict) and isinstance(info.get("checkpoints"), list), f"model {name!r} lists no 'checkpoints'")
+        need(isinstance(info.get("arch", ""), str) and isinstance(info.get("options", {}), dict),
+             f"model {name!r} has a bad 'arch' or 'options'")
+        for row in info["checkpoints"]:
+            need(isinstance(row, dict) and isinstance(row.get("tag"), str) and isinstance(row.get("path"), str)
+                 and isinstance(row.get("metrics", {}), dict), f"a checkpoint of model {name!r} lacks a string 'tag' or 'path'")
+    base = m.get("base")
+    if base is not None:
+        need(isinstance(base, dict) and isinstance(base.get("model"), str) and isinstance(base.get("tag"), str),
+             "'base' is not an object with string 'model' and 'tag'")
+    need(isinstance(m.get("data", {}), dict), "'data' is not an object")
 
 
 def _alive(pid: int) -> bool:

@@ -56,7 +56,8 @@ def plot_space_grid(ws, path, formats=("png",), max_columns: int = 8) -> list[Pa
     for fmt in formats:
         p = path.with_suffix("." + fmt)
         with io.atomic_path(p, suffix="." + fmt) as tmp:
-            fig.savefig(tmp, dpi=110, format=fmt)
+            with plt.rc_context({"svg.hashsalt": "conceptevo"}):  # no dates, fixed ids: same inputs, same bytes
+                fig.savefig(tmp, dpi=110, format=fmt, metadata={"pdf": {"CreationDate": None}, "svg": {"Date": None}}.get(fmt))
         out.append(p)
     plt.close(fig)
     return out
