@@ -79,12 +79,15 @@ def run_study(config: StudyConfig, progress: bool = True, trust: bool = False) -
         _stimuli_stage(None, config, plan, progress, trust)
         ddp.barrier()
         return None
-    ws = Workspace(config.out, create=True)
+    state = {"plan_sent": False}
     try:
-        with WorkspaceLock(ws.path):
+        with WorkspaceLock(Path(config.out)):
+            # opened under the lock: a process that held it until now may have just rewritten the manifest
+            ws = Workspace(config.out, create=True)
+            ws._on_plan_sent = lambda: state.update(plan_sent=True)
             return _run(ws, config, progress, trust)
     except BaseException:
-        if ddp.active() and not getattr(ws, "_plan_sent", False):
+        if ddp.active() and not state["plan_sent"]:
             ddp.broadcast_object(None)  # release the other ranks waiting for the plan
         raise
 
@@ -151,7 +154,7 @@ def _run(ws: Workspace, config: StudyConfig, progress: bool, trust: bool) -> Wor
     sp = config.stimuli
     # 1. stimuli of every checkpoint
     ddp.broadcast_object(passes)
-    ws._plan_sent = True
+    ws._on_plan_sent()
     _stimuli_stage(ws, config, passes, progress, trust, pool=pool)
     ddp.barrier()
     stim_keys = {(p["model"], p["tag"]): p["key"] for p in passes}

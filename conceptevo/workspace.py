@@ -81,7 +81,38 @@ class Workspace:
 
     # -- stage bookkeeping ----------------------------------------------------------------------------
     def _flush(self) -> None:
-        write_json(self.manifest_path, self.manifest)
+        """Write the manifest; stage records changed by other processes meanwhile are kept.
+
+        Several commands may write one workspace at once (e.g. two
+        ``evaluate-importance`` runs, or patches beside an importance run).
+        Under a short file lock the stages on disk are read back and only the
+        stages this process finished or dropped are applied to them, before the
+        atomic write: per stage, the last writer wins.
+        """
+        import fcntl
+
+        changed = self.__dict__.setdefault("_changed", set())
+        self.path.mkdir(parents=True, exist_ok=True)
+        with open(self.path / ".manifest-lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                disk = None
+                if self.manifest_path.exists():
+                    try:
+                        disk = read_json(self.manifest_path)
+                    except ConceptEvoError:
+                        disk = None
+                if isinstance(disk, dict) and isinstance(disk.get("stages"), dict):
+                    stages = dict(disk["stages"])
+                    for name in changed:
+                        if name in self.manifest["stages"]:
+                            stages[name] = self.manifest["stages"][name]
+                        else:
+                            stages.pop(name, None)
+                    self.manifest["stages"] = stages
+                write_json(self.manifest_path, self.manifest)
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
 
     def stage(self, name: str) -> dict | None:
         return self.manifest["stages"].get(name)
@@ -105,10 +136,12 @@ class Workspace:
         self.manifest["stages"][name] = {
             "key": key, "params": params or {}, "finished": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), **info,
         }
+        self.__dict__.setdefault("_changed", set()).add(name)
         self._flush()
 
     def invalidate(self, name: str) -> None:
         if self.manifest["stages"].pop(name, None) is not None:
+            self.__dict__.setdefault("_changed", set()).add(name)
             self._flush()
 
     def set_config(self, config: dict) -> None:

@@ -82,3 +82,14 @@ def test_lock_and_stale_lock(tmp_path):
     (tmp_path / ".lock").write_text(str(pid))
     with WorkspaceLock(tmp_path):
         assert (tmp_path / ".lock").read_text() == str(os.getpid())
+
+
+def test_concurrent_writers_keep_each_others_stage_records(tmp_path):
+    a = Workspace(tmp_path / "w", create=True)
+    b = Workspace(tmp_path / "w")  # opened before a writes anything
+    a.finish("evaluation/vgg", "k1")
+    b.finish("evaluation/resnet", "k2")  # must not erase a's record
+    a.invalidate("evaluation/vgg")
+    b.finish("other", "k3")  # must not resurrect what a dropped
+    stages = Workspace(tmp_path / "w").manifest["stages"]
+    assert set(stages) == {"evaluation/resnet", "other"}
