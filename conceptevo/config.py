@@ -95,10 +95,13 @@ class LayoutConfig:
     n_neighbors: int = 15
     min_dist: float = 0.1
     seed: int = 0
+    method: str = "umap"            # umap | pca (pca: no compile time, for smoke tests)
 
     def validate(self):
         check_positive("layout.n_neighbors", self.n_neighbors, integer=True)
         _check_seed("layout.seed", self.seed)
+        if self.method not in ("umap", "pca"):
+            raise ConceptEvoError(f"layout.method must be 'umap' or 'pca', got {self.method!r}")
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ import json
 import logging
 from pathlib import Path
 
-from .config import BaseConfig, DataConfig, EmbeddingConfig, ModelConfig, StimuliConfig, StudyConfig
+from .config import BaseConfig, DataConfig, EmbeddingConfig, LayoutConfig, ModelConfig, StimuliConfig, StudyConfig
 from .data import find_fashion_mnist, open_dataset
 from .io import read_json
 from .models import build_model
@@ -33,10 +33,11 @@ class DemoSettings:
     pool: int = 3000               # stimulus image pool
     embedding_epochs: int = 300
     width: int = 16
+    layout: str = "umap"           # the quick run uses PCA: no UMAP compile time
 
     @classmethod
     def quick(cls) -> "DemoSettings":
-        return cls(epochs=1, train_images=3000, first_epoch_checkpoints=2, pool=1500, embedding_epochs=100, width=16)
+        return cls(epochs=1, train_images=4000, first_epoch_checkpoints=2, pool=1000, embedding_epochs=100, width=8, layout="pca")
 
 
 def demo_data(data_dir: str | None = None) -> DataConfig:
@@ -79,6 +80,7 @@ def run_demo(out="demo-out", quick: bool = False, device: str = "cpu", data_dir:
     config = StudyConfig(
         out=str(out / "study"), data=data, models=models, base=BaseConfig(model="vgg", checkpoint="last"),
         stimuli=StimuliConfig(device=device), embedding=EmbeddingConfig(epochs=settings.embedding_epochs),
+        layout=LayoutConfig(method=settings.layout),
     ).validate()
     _write_config(out / "study.toml", config)
     return run_study(config, progress=progress)

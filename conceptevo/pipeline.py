@@ -217,8 +217,8 @@ def _run(ws: Workspace, config: StudyConfig, progress: bool, trust: bool) -> Wor
     if not ws.is_done("layout", lay_key):
         from .projection import fit_layout
 
-        with _Timer("UMAP fit on the base embedding"):
-            layout = fit_layout(neuron_emb.vectors, seed=lp.seed, n_neighbors=lp.n_neighbors, min_dist=lp.min_dist)
+        with _Timer(f"{lp.method.upper()} fit on the base embedding"):
+            layout = fit_layout(neuron_emb.vectors, seed=lp.seed, n_neighbors=lp.n_neighbors, min_dist=lp.min_dist, method=lp.method)
         save_npy(ws.path / "layout" / "base_learned.npy", layout.base_xy)
         for m in config.models:
             for row in models[m.name]["checkpoints"]:
