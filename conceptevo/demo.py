@@ -53,6 +53,9 @@ def demo_data(data_dir: str | None = None) -> DataConfig:
 
 def run_demo(out="demo-out", quick: bool = False, device: str = "cpu", data_dir: str | None = None, progress: bool = True):
     """Train, build the unified space, write the pictures; return the workspace."""
+    from .errors import check_device
+
+    check_device(device)
     out = Path(out).resolve()
     settings = DemoSettings.quick() if quick else DemoSettings()
     data = demo_data(data_dir)

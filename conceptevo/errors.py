@@ -60,3 +60,15 @@ def check_positive(name: str, value, integer: bool = False) -> None:
         raise ConceptEvoError(f"{name} must be positive, got {value!r}")
     if isinstance(value, float) and not math.isfinite(value):
         raise ConceptEvoError(f"{name} must be a finite number, got {value!r}")
+
+
+def check_device(device) -> str:
+    """The device string, or a clear error when it names a GPU this machine does not have."""
+    import torch
+
+    name = str(device)
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConceptEvoError(f"device {name!r} was asked for but no CUDA GPU is available here; use --device cpu")
+    if name.startswith("mps") and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ConceptEvoError(f"device {name!r} was asked for but MPS is not available here; use --device cpu")
+    return name

@@ -16,7 +16,7 @@ import torch
 from . import distributed as ddp
 from .config import DataConfig, StudyConfig
 from .data import open_dataset, sample_pool
-from .errors import ConceptEvoError, suggest
+from .errors import ConceptEvoError, check_device, suggest
 from .io import hash_json, load_npy, save_npy
 from .models import build_model, list_checkpoints, load_checkpoint
 from .models.checkpoints import checkpoint_hash
@@ -71,6 +71,7 @@ def run_study(config: StudyConfig, progress: bool = True, trust: bool = False) -
     passes and rank 0 alone writes and runs the later stages; other ranks
     return None.
     """
+    check_device(config.stimuli.device)
     ddp.init_from_env(config.stimuli.device)
     if not ddp.is_main():
         plan = ddp.broadcast_object(None)

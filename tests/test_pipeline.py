@@ -127,3 +127,12 @@ def test_importance_and_evaluation_commands(study):
     # bad input: the same checkpoint twice, an unknown class
     assert main(["importance", str(ws.path), "--model", "vgg", "--from", "e1", "--to", "e1", "--class", "2"]) == 2
     assert main(["importance", str(ws.path), "--model", "vgg", "--from", "e0.5", "--to", "e1", "--class", "99"]) == 2
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the no-GPU error")
+def test_cuda_without_gpu_is_a_clear_error(tmp_path, runs):
+    from conceptevo.cli import main
+
+    with pytest.raises(ConceptEvoError, match="no CUDA GPU"):
+        run_study(config(tmp_path / "s", runs, stimuli=StimuliConfig(k=5, device="cuda")), progress=False)
+    assert main(["demo", "--quick", "--device", "cuda", "--out", str(tmp_path / "d")]) == 2

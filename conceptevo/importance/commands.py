@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import ConceptEvoError, suggest
+from ..errors import ConceptEvoError, check_device, suggest
 from ..io import hash_json
 from ..workspace import Workspace
 from .milestones import parse_stages, stages_from_milestones
@@ -49,6 +49,7 @@ def _class_index(dataset, text) -> int:
 def importance_command(workspace, model: str, tag_from: str, tag_to: str, class_name, top: int = 10, images: int = 128,
                        seed: int = 0, device: str = "cpu", progress: bool = True, examples: int = 5) -> dict:
     """Rank the evolutions t -> t' of every neuron of ``model`` for one class; write CSV, NPZ and the Fig-3 PNG."""
+    check_device(device)
     ws = Workspace(workspace)
     if tag_from == tag_to:
         raise ConceptEvoError(f"--from and --to are both {tag_from!r}; give two different checkpoints")
@@ -113,6 +114,7 @@ def plot_evolutions(ws: Workspace, model: str, tag_from: str, tag_to: str, imp, 
 def evaluate_command(workspace, model: str, stages: str = "auto", classes="all", repeats: int = 5, images: int = 128,
                      seed: int = 0, device: str = "cpu", progress: bool = True, milestones=(0.25, 0.5, 0.75)) -> dict:
     """Reversion evaluation (Table 1, Fig 6) of ``model``'s stages; writes the table and chart into the workspace."""
+    check_device(device)
     ws = Workspace(workspace)
     train, test = ws.dataset("train"), ws.dataset("test")
     cks = ws.checkpoints(model)

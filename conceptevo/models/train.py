@@ -18,7 +18,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..data.loader import iter_batches
-from ..errors import ConceptEvoError, check_positive
+from ..errors import ConceptEvoError, check_device, check_positive
 from .checkpoints import Checkpoint, epoch_tag, save_checkpoint, write_index
 
 log = logging.getLogger(__name__)
@@ -102,6 +102,7 @@ def train(model: nn.Module, train_set, test_set, out_dir, config: TrainConfig = 
     ``callbacks`` get ``on_checkpoint(model, checkpoint)`` after each save.
     """
     config.validate()
+    check_device(config.device)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device(config.device)
