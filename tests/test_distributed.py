@@ -21,13 +21,16 @@ def make():
     import sys
 
     sys.path.insert(0, os.path.dirname(__file__))
-    from conftest import TensorImages, TinyRes
+    from conftest import TensorImages
+
+    from conceptevo import build_model
 
     torch.manual_seed(3)
     g = torch.Generator().manual_seed(0)
     x = torch.rand(61, 1, 12, 12, generator=g)
     x[30] = x[5]  # a tie across the two ranks' shards
-    return TinyRes(), TensorImages(x, np.arange(61) % 4)
+    # a residual model with BatchNorm: its 0-d num_batches_tracked buffers go into the model hash too
+    return build_model("resnet_like", in_channels=1, num_classes=4, width=4).eval(), TensorImages(x, np.arange(61) % 4)
 
 
 def worker(rank, port, out_dir, mode):
