@@ -111,6 +111,13 @@ class Stimuli:
         )
 
 
+def _max_strength(out: torch.Tensor) -> torch.Tensor:
+    """Per image and channel: max over the activation map, ``[B, C]`` (no argmax: cheaper)."""
+    if out.dim() == 2:
+        return out
+    return out.amax(dim=tuple(range(2, out.dim())))
+
+
 def _strength(out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per image and channel: max over the activation map and its flat argmax. ``[B, C]`` each."""
     if out.dim() == 2:
@@ -134,12 +141,30 @@ class _TopK:
         self.sumsq = torch.zeros(channels, dtype=torch.float64, device=device)
         self.finite = torch.ones((), dtype=torch.bool, device=device)
 
+    def update_from_output(self, out: torch.Tensor, idx: torch.Tensor, ascending_after: bool) -> None:
+        """Merge one batch's layer output. Argmax positions are computed only for the (image, channel)
+        pairs that enter the top-k, not for the whole batch (the full max-with-index reduction costs
+        about a third of a small CNN's forward on a CPU)."""
+        vals = _max_strength(out)
+        B = vals.shape[0]
+        # new candidates carry -(2 + row) as a placeholder position, resolved after the merge
+        placeholder = -(2 + torch.arange(B, device=vals.device)).unsqueeze(1).expand(B, vals.shape[1])
+        self.update(vals, placeholder, idx, ascending_after)
+        new = self.p <= -2  # [C, k]; resolved without a host synchronisation
+        if out.dim() == 2:
+            self.p = torch.where(new, torch.zeros_like(self.p), self.p)
+            return
+        C = new.shape[0]
+        rows = torch.where(new, -self.p - 2, torch.zeros_like(self.p))
+        chans = torch.arange(C, device=out.device).unsqueeze(1).expand_as(rows)
+        argmax = out[rows, chans].reshape(C, self.k, -1).argmax(dim=2)  # only k maps per channel
+        self.p = torch.where(new, argmax, self.p)
+
     def update(self, vals: torch.Tensor, pos: torch.Tensor, idx: torch.Tensor, ascending_after: bool) -> None:
         vals = vals.float()
         self.finite &= torch.isfinite(vals).all()
-        v64 = vals.double()
-        self.sum += v64.sum(0)
-        self.sumsq += (v64 * v64).sum(0)
+        self.sum += vals.sum(0, dtype=torch.float64)
+        self.sumsq += (vals * vals).sum(0, dtype=torch.float64)
         C, B = vals.shape[1], vals.shape[0]
         self._merge(torch.cat([self.v, vals.t()], dim=1), torch.cat([self.i, idx.expand(C, B)], dim=1),
                     torch.cat([self.p, pos.t()], dim=1), ascending_after)
@@ -206,38 +231,44 @@ def find_stimuli(model: nn.Module, dataset, k: int = 10, layers=None, batch_size
     max_seen = -1
     bar = tqdm(total=len(positions), desc=desc, unit="img", disable=not progress or not ddp.is_main(), leave=False)
     try:
-        with torch.inference_mode(), capture(model, names, lambda name, out: (_strength(out), tuple(out.shape[1:]))) as outs:
+        current: dict = {}
+
+        def merge_in_hook(name, out):
+            # merged as the layer runs, so at most one batch of this layer's activations is alive
+            if name not in states:
+                states[name] = _TopK(out.shape[1], k, device)
+                shapes[name] = tuple(out.shape[1:])
+            states[name].update_from_output(out, current["idx"], current["ascending"])
+            return True
+
+        with torch.inference_mode(), capture(model, names, merge_in_hook) as outs:
             for images, _, idx in iter_batches(dataset, batch_size, positions=positions):
                 idx_host = idx
                 ascending = bool(idx_host[0] > max_seen) and bool((idx_host[1:] > idx_host[:-1]).all())
+                max_seen_before = max_seen
                 max_seen = max(max_seen, int(idx_host.max()))
                 outs.clear()
+                current["ascending"] = ascending
                 if device.type == "cuda":
                     # from pinned host memory a copy does not wait for the GPU to finish queued work
                     idx = idx.pin_memory()
                     if not images.is_cuda:
                         images = images.pin_memory()
                 images = images.to(device, non_blocking=True)
+                current["idx"] = idx.to(device, non_blocking=True)  # pinned (above) on a GPU: no host synchronisation
                 if channels_last and images.dim() == 4:
                     images = images.contiguous(memory_format=torch.channels_last)
                 try:
                     with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                         model(images)
                 except RuntimeError as e:
-                    if states:
+                    if max_seen_before >= 0:  # not the first batch: a genuine failure, not a shape mismatch
                         raise
                     raise ConceptEvoError(
                         f"images of shape {list(images.shape[1:])} cannot go through {type(model).__name__} "
                         f"({str(e).splitlines()[0][:160]}); give images with the channels and size the model was built for"
                     ) from None
                 outs.require_all()
-                idx_dev = idx.to(device, non_blocking=True)  # pinned (above) on a GPU: no host synchronisation
-                for name in names:
-                    (vals, pos), shape = outs[name]
-                    if name not in states:
-                        states[name] = _TopK(vals.shape[1], k, device)
-                        shapes[name] = shape
-                    states[name].update(vals, pos, idx_dev, ascending)
                 bar.update(len(idx))
     finally:
         bar.close()
@@ -275,7 +306,7 @@ def top_responses(model: nn.Module, dataset, stimuli: Stimuli, top: int = 10, ba
     was_training = model.training
     model.eval()
     try:
-        with torch.inference_mode(), capture(model, names, lambda name, o: _strength(o)[0]) as outs:
+        with torch.inference_mode(), capture(model, names, lambda name, o: _max_strength(o)) as outs:
             for images, _, idx in tqdm(iter_batches(dataset, batch_size), total=-(-len(dataset) // batch_size),
                                        desc="responses", disable=not progress, leave=False):
                 outs.clear()
