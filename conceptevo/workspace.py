@@ -339,10 +339,6 @@ def _check_manifest(m: dict, path) -> None:
 
 
 def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    from .io import _pid_alive
+
+    return _pid_alive(pid)

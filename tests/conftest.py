@@ -70,3 +70,12 @@ def tiny_data():
 def tiny_model(request):
     torch.manual_seed(1)
     return TinySeq() if request.param == "seq" else TinyRes()
+
+
+@pytest.fixture(scope="module")
+def one_thread_module():
+    """One torch thread for a test module: tiny models run far faster so on a busy 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -31,12 +31,9 @@ NUM_CLASSES = 5
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_thread():
+def _one_thread(one_thread_module):
     """Tiny models: one thread avoids oversubscription slowdowns on busy machines."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
     yield
-    torch.set_num_threads(before)
 
 
 # ---------------------------------------------------------------- small models and data

@@ -25,11 +25,8 @@ from conceptevo.workspace import Workspace
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread_module):
     yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
