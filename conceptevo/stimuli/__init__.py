@@ -166,8 +166,19 @@ class _TopK:
         self.sum += vals.sum(0, dtype=torch.float64)
         self.sumsq += (vals * vals).sum(0, dtype=torch.float64)
         C, B = vals.shape[1], vals.shape[0]
-        self._merge(torch.cat([self.v, vals.t()], dim=1), torch.cat([self.i, idx.expand(C, B)], dim=1),
-                    torch.cat([self.p, pos.t()], dim=1), ascending_after)
+        vt, it, pt = vals.t(), idx.expand(C, B), pos.t()
+        if ascending_after and vals.device.type == "cpu":
+            # Only values above a channel's current k-th can enter (an equal one has a higher index and
+            # loses). Keep the m best per channel, m = the most any channel needs, in batch order so the
+            # stable sort still breaks ties by index. (Skipped on GPUs: m needs a host synchronisation.)
+            m = int((vt > self.v[:, -1:]).sum(dim=1).max())
+            if m == 0:
+                return
+            if m < B:
+                sel = vt.topk(m, dim=1).indices.sort(dim=1).values
+                vt, it, pt = vt.gather(1, sel), it.gather(1, sel), pt.gather(1, sel)
+        self._merge(torch.cat([self.v, vt], dim=1), torch.cat([self.i, it], dim=1),
+                    torch.cat([self.p, pt], dim=1), ascending_after)
 
     def merge_ranks(self) -> None:
         """Combine every rank's top-k into the exact global top-k (same result on every rank)."""
