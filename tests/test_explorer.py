@@ -25,9 +25,7 @@ BROWSER_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-backgr
                 "--disable-component-update", "--no-first-run"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread(one_thread_module):
-    yield
+pytestmark = pytest.mark.usefixtures("one_thread_module")  # tiny models: one torch thread
 
 
 @pytest.fixture(scope="module")

@@ -17,9 +17,7 @@ from conceptevo.report import analysis
 from conceptevo.workspace import Workspace
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread(one_thread_module):
-    yield
+pytestmark = pytest.mark.usefixtures("one_thread_module")  # tiny models: one torch thread
 
 
 @pytest.fixture(scope="module")

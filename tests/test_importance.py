@@ -30,10 +30,7 @@ from conceptevo.layers import capture, resolve_layers
 NUM_CLASSES = 5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread(one_thread_module):
-    """Tiny models: one thread avoids oversubscription slowdowns on busy machines."""
-    yield
+pytestmark = pytest.mark.usefixtures("one_thread_module")  # tiny models: one torch thread
 
 
 # ---------------------------------------------------------------- small models and data

@@ -24,9 +24,7 @@ from conceptevo.patches import (
 from conceptevo.workspace import Workspace
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread(one_thread_module):
-    yield
+pytestmark = pytest.mark.usefixtures("one_thread_module")  # tiny models: one torch thread
 
 
 @pytest.fixture(scope="module")
