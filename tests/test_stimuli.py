@@ -39,10 +39,11 @@ def brute_force(model, dataset, k, layers):
     return np.array(rows_i), np.array(rows_v), np.array(rows_p)
 
 
+@pytest.mark.parametrize("merge", ["layer", "batch"])
 @pytest.mark.parametrize("batch_size", [1, 16, 64, 256])
-def test_topk_matches_brute_force_with_ties(tiny_model, tiny_data, batch_size):
+def test_topk_matches_brute_force_with_ties(tiny_model, tiny_data, batch_size, merge):
     layers = resolve_layers(tiny_model)
-    s = find_stimuli(tiny_model, tiny_data, k=5, batch_size=batch_size, progress=False)
+    s = find_stimuli(tiny_model, tiny_data, k=5, batch_size=batch_size, progress=False, merge=merge)
     bi, bv, bp = brute_force(tiny_model, tiny_data, 5, layers)
     np.testing.assert_array_equal(s.indices, bi)
     np.testing.assert_allclose(s.values, bv, rtol=1e-5, atol=1e-6)
@@ -51,9 +52,10 @@ def test_topk_matches_brute_force_with_ties(tiny_model, tiny_data, batch_size):
     assert len(s) == sum(i.channels for i in s.layers)
 
 
-def test_ties_go_to_lower_index(tiny_model, tiny_data):
+@pytest.mark.parametrize("merge", ["layer", "batch"])
+def test_ties_go_to_lower_index(tiny_model, tiny_data, merge):
     # images 3, 10 and 40 are identical: wherever two of them are stimuli, 3 comes before 10 before 40
-    s = find_stimuli(tiny_model, tiny_data, k=10, batch_size=7, progress=False)
+    s = find_stimuli(tiny_model, tiny_data, k=10, batch_size=7, progress=False, merge=merge)
     for row in s.indices:
         present = [i for i in row if i in (3, 10, 40)]
         assert present == sorted(present)
@@ -124,14 +126,17 @@ def test_bad_inputs(tiny_data):
         find_stimuli(m, tiny_data, k=0, progress=False)
 
 
-def test_nan_weights_name_the_layer(tiny_data):
+@pytest.mark.parametrize("merge", ["layer", "batch"])
+def test_nan_weights_name_the_layer(tiny_data, merge):
     from conftest import TinySeq
 
     m = TinySeq()
     with torch.no_grad():
         m.features[3].weight[0, 0, 0, 0] = float("nan")
     with pytest.raises(ConceptEvoError, match="features.3"):
-        find_stimuli(m, tiny_data, k=2, progress=False)
+        find_stimuli(m, tiny_data, k=2, progress=False, merge=merge)
+    with pytest.raises(ConceptEvoError, match="merge="):
+        find_stimuli(m, tiny_data, k=2, progress=False, merge="fast")
 
 
 def test_unused_layer_is_an_error(tiny_data):
@@ -146,3 +151,19 @@ def test_unused_layer_is_an_error(tiny_data):
 def test_hooks_are_removed(tiny_model, tiny_data):
     find_stimuli(tiny_model, tiny_data, k=2, progress=False)
     assert all(not m._forward_hooks for m in tiny_model.modules())
+
+
+def test_merge_modes_agree_when_later_modules_work_in_place(tiny_data):
+    """Per-batch merging reads the layers' reductions after the forward: in-place ReLUs downstream of a
+    Linear or Conv2d must not change what it sees."""
+    torch.manual_seed(1)
+    m = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(inplace=True), nn.Flatten(), nn.LazyLinear(6), nn.ReLU(inplace=True),
+                      nn.Linear(6, 3))
+    m(tiny_data[0][0][None])
+    a = find_stimuli(m, tiny_data, k=4, layers=[nn.Conv2d, nn.Linear], batch_size=9, progress=False, merge="layer")
+    b = find_stimuli(m, tiny_data, k=4, layers=[nn.Conv2d, nn.Linear], batch_size=9, progress=False, merge="batch")
+    np.testing.assert_array_equal(a.indices, b.indices)
+    np.testing.assert_array_equal(a.values, b.values)
+    np.testing.assert_array_equal(a.positions, b.positions)
+    np.testing.assert_array_equal(a.mean, b.mean)
+    assert (a.values[4:10] < 0).any(), "some Linear maxima are negative: an in-place ReLU would have changed them"
