@@ -6,6 +6,7 @@ import logging
 import sys
 import time
 
+from . import distributed as ddp
 from .errors import ConceptEvoError
 
 log = logging.getLogger("conceptevo")
@@ -35,7 +36,8 @@ def cmd_run(args) -> int:
 
     config = load_config(args.config)
     ws = run_study(config, progress=not args.no_progress, trust=args.trust_checkpoint)
-    print(ws.summary())
+    if ws is not None:  # under torchrun, only rank 0 returns the workspace
+        print(ws.summary())
     return 0
 
 
@@ -81,6 +83,8 @@ def cmd_importance(args) -> int:
 
     r = importance_command(args.workspace, args.model, args.tag_from, args.tag_to, args.class_name, top=args.top,
                            images=args.images, seed=args.seed, device=args.device, progress=not args.no_progress)
+    if not ddp.is_main():  # under torchrun every rank computes; rank 0 reports
+        return 0
     print(f"most important evolutions {args.tag_from} -> {args.tag_to} for class {r['class_index']} "
           f"(score = share of the class's images whose logit the evolution raised):")
     for nid, score in r["importance"].top(args.top):
@@ -94,6 +98,8 @@ def cmd_evaluate_importance(args) -> int:
 
     r = evaluate_command(args.workspace, args.model, stages=args.stages, classes=args.classes, repeats=args.repeats,
                          images=args.images, seed=args.seed, device=args.device, progress=not args.no_progress)
+    if not ddp.is_main():
+        return 0
     print(r["markdown"].read_text())
     for stage, c in r["claims"].items():
         for split, v in c.items():

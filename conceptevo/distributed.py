@@ -12,6 +12,7 @@ import datetime as _dt
 import hashlib
 import logging
 import os
+import re
 
 import numpy as np
 import torch
@@ -57,8 +58,40 @@ def shard(positions: np.ndarray) -> np.ndarray:
     return positions[rank():: world()]
 
 
+def splits(n: int) -> bool:
+    """Whether a pass over ``n`` positions is shared across ranks.
+
+    Not when there are fewer positions than ranks: a rank with an empty share
+    would have no batch to learn the layers' shapes from, so every rank then
+    computes everything (the same result, with nothing to merge).
+    """
+    return active() and n >= world()
+
+
+def gather_shards(t: torch.Tensor, n: int) -> torch.Tensor:
+    """Undo :func:`shard` for per-position rows: every rank's rows, ``[n, ...]`` in the unsharded order.
+
+    ``t`` holds this rank's rows (one per position of its share, in order).
+    Shares differ in length by at most one; each is padded to the longest for
+    the all_gather. Row j of rank r is position ``r + j * world``, so the
+    gathered ``[world, longest]`` block read column by column is that order,
+    with the padding at the end.
+    """
+    if not active():
+        return t
+    longest = -(-n // world())
+    if t.shape[0] != len(range(rank(), n, world())):
+        raise ConceptEvoError(f"rank {rank()} has {t.shape[0]} rows for a share of {len(range(rank(), n, world()))} positions")
+    padded = torch.cat([t, t.new_zeros((longest - t.shape[0],) + tuple(t.shape[1:]))])
+    parts = all_gather_cat(padded[None], dim=0)
+    return parts.transpose(0, 1).reshape((-1,) + tuple(t.shape[1:]))[:n]
+
+
 def _device_for_collectives(device) -> torch.device:
-    return torch.device(device) if dist.get_backend() == "nccl" else torch.device("cpu")
+    """gloo takes CPU tensors; NCCL takes tensors on this rank's GPU (a CPU tensor goes there and back)."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def all_gather_cat(t: torch.Tensor, dim: int = 0) -> torch.Tensor:
@@ -95,11 +128,19 @@ def barrier() -> None:
 
 
 def _guard(fn, *args, **kwargs):
+    """Run a collective; its failure (gloo and NCCL raise RuntimeError) becomes a ConceptEvoError.
+
+    gloo reports a peer that exited at once ("Connection closed by peer");
+    one that is alive but never joins is reported after the process group's
+    timeout.
+    """
     try:
         return fn(*args, **kwargs)
     except (RuntimeError, ConnectionError) as e:
+        # gloo prefixes its messages with "[/path/to/source.cc:line] "; keep the part that says what happened
+        why = re.sub(r"^\[[^\]]*\.(?:cc|cpp|h):\d+\]\s*", "", (str(e).splitlines() or [""])[0])[:160]
         raise ConceptEvoError(
-            f"rank {rank()}: a collective operation failed ({str(e).splitlines()[0][:160]}); another rank probably died. "
+            f"rank {rank()}: a collective operation failed ({why}); another rank probably died or stopped responding. "
             "Nothing from this pass was written; fix the failing rank and rerun"
         ) from None
 
@@ -112,11 +153,12 @@ def model_hash(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def check_same(what: str, value: str) -> None:
+def check_same(what: str, value: str | bytes) -> None:
     """Stop with a clear error if ranks disagree on ``value`` (e.g. a dataset or model hash)."""
     if not active():
         return
-    digest = torch.tensor(list(hashlib.sha256(value.encode()).digest()), dtype=torch.uint8)
+    raw = value.encode() if isinstance(value, str) else bytes(value)
+    digest = torch.tensor(list(hashlib.sha256(raw).digest()), dtype=torch.uint8)
     everyone = all_gather_cat(digest[None], dim=0)
     bad = [r for r in range(world()) if not torch.equal(everyone[r], everyone[0])]
     if bad:

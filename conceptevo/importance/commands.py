@@ -4,6 +4,11 @@ Results go into the workspace (recorded in its manifest, so the explorer can sho
 
     importance/MODEL/T__T2/class-C/  scores.csv, importance.npz, evolutions.png
     evaluation/MODEL/                table.md, table.csv, bars.png, STAGE.npz
+
+Under ``torchrun`` every rank shares the computation (the class images are
+sharded, see :mod:`conceptevo.distributed`); rank 0 alone writes and records
+the result, and the other ranks wait for it so that every rank returns the
+same paths and fails together.
 """
 from __future__ import annotations
 
@@ -12,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import distributed as ddp
 from ..errors import ConceptEvoError, check_device, suggest
 from ..io import hash_json
 from ..workspace import Workspace
@@ -46,10 +52,35 @@ def _class_index(dataset, text) -> int:
     raise ConceptEvoError(f"unknown class {text!r}.{suggest(text, classes)} Give a class index or one of: {', '.join(classes)}")
 
 
+def _written_by_rank0(write) -> None:
+    """Rank 0 runs ``write`` (the files and the manifest record); the other ranks wait for its outcome.
+
+    Waiting means every rank returns only once the files exist (a caller may
+    read them) and a failure on rank 0 stops every rank with an error.
+    """
+    if not ddp.active():
+        write()
+        return
+    if not ddp.is_main():
+        if not ddp.broadcast_object(None):
+            raise ConceptEvoError(f"rank {ddp.rank()}: rank 0 failed to write the results; see its error")
+        return
+    try:
+        write()
+    except BaseException:
+        try:
+            ddp.broadcast_object(False)
+        except ConceptEvoError:
+            pass  # the other ranks are gone too; rank 0's own error is the one to report
+        raise
+    ddp.broadcast_object(True)
+
+
 def importance_command(workspace, model: str, tag_from: str, tag_to: str, class_name, top: int = 10, images: int = 128,
                        seed: int = 0, device: str = "cpu", progress: bool = True, examples: int = 5) -> dict:
     """Rank the evolutions t -> t' of every neuron of ``model`` for one class; write CSV, NPZ and the Fig-3 PNG."""
     check_device(device)
+    ddp.init_from_env(device)
     ws = Workspace(workspace)
     if tag_from == tag_to:
         raise ConceptEvoError(f"--from and --to are both {tag_from!r}; give two different checkpoints")
@@ -59,14 +90,18 @@ def importance_command(workspace, model: str, tag_from: str, tag_to: str, class_
     m_to = _model(ws, model, tag_to, ds, device)
     imp = evolution_importance(m_from, m_to, ds, c, layers=_layers(ws), num_images=images, seed=seed, device=device, progress=progress)
     out = ws.path / "importance" / model / f"{tag_from}__{tag_to}" / f"class-{c}"
-    imp.to_csv(out / "scores.csv")
-    imp.save(out / "importance.npz")
-    png = plot_evolutions(ws, model, tag_from, tag_to, imp, top=top, examples=examples, path=out / "evolutions.png",
-                          class_name=_class_name(ds, c))
-    ws.finish(f"importance/{model}/{tag_from}__{tag_to}/class-{c}", hash_json([tag_from, tag_to, c, images, seed]),
-              {"model": model, "from": tag_from, "to": tag_to, "class": c, "images": images, "seed": seed},
-              file=str((out / "importance.npz").relative_to(ws.path)),
-              files=[str(p.relative_to(ws.path)) for p in (out / "scores.csv", out / "importance.npz", png)])
+    png = out / "evolutions.png"
+
+    def write():
+        imp.to_csv(out / "scores.csv")
+        imp.save(out / "importance.npz")
+        plot_evolutions(ws, model, tag_from, tag_to, imp, top=top, examples=examples, path=png, class_name=_class_name(ds, c))
+        ws.finish(f"importance/{model}/{tag_from}__{tag_to}/class-{c}", hash_json([tag_from, tag_to, c, images, seed]),
+                  {"model": model, "from": tag_from, "to": tag_to, "class": c, "images": images, "seed": seed},
+                  file=str((out / "importance.npz").relative_to(ws.path)),
+                  files=[str(p.relative_to(ws.path)) for p in (out / "scores.csv", out / "importance.npz", png)])
+
+    _written_by_rank0(write)
     return {"importance": imp, "png": png, "csv": out / "scores.csv", "class_index": c}
 
 
@@ -115,6 +150,7 @@ def evaluate_command(workspace, model: str, stages: str = "auto", classes="all",
                      seed: int = 0, device: str = "cpu", progress: bool = True, milestones=(0.25, 0.5, 0.75)) -> dict:
     """Reversion evaluation (Table 1, Fig 6) of ``model``'s stages; writes the table and chart into the workspace."""
     check_device(device)
+    ddp.init_from_env(device)
     ws = Workspace(workspace)
     train, test = ws.dataset("train"), ws.dataset("test")
     cks = ws.checkpoints(model)
@@ -141,14 +177,20 @@ def evaluate_command(workspace, model: str, stages: str = "auto", classes="all",
             per_class.append(evaluate_reversion(m_from, m_to, train, test, c, layers=_layers(ws), num_images=images,
                                                 repeats=repeats, seed=seed, device=device, stage=(t, t2), progress=progress))
         res = combine_reversion(per_class)
-        res.save(ws.path / "evaluation" / model / f"{t}__{t2}.npz")
+        if ddp.is_main():
+            res.save(ws.path / "evaluation" / model / f"{t}__{t2}.npz")
         results.append(res)
     out = ws.path / "evaluation" / model
-    md = write_reversion_markdown(out / "table.md", results)
-    csv = write_reversion_csv(out / "table.csv", results)
-    png = plot_reversion_bars(out / "bars.png", results)
+    md, csv, png = out / "table.md", out / "table.csv", out / "bars.png"
     claims = {f"{r.stage[0]}->{r.stage[1]}": {s: r.check_claim(split=s) for s in ("train", "test")} for r in results}
-    ws.finish(f"evaluation/{model}", hash_json([pairs, class_list, repeats, images, seed]),
-              {"stages": pairs, "classes": class_list, "repeats": repeats, "images": images}, claims=claims,
-              files=[str(Path(p).relative_to(ws.path)) for p in (md, csv, png)])
+
+    def write():
+        write_reversion_markdown(md, results)
+        write_reversion_csv(csv, results)
+        plot_reversion_bars(png, results)
+        ws.finish(f"evaluation/{model}", hash_json([pairs, class_list, repeats, images, seed]),
+                  {"stages": pairs, "classes": class_list, "repeats": repeats, "images": images}, claims=claims,
+                  files=[str(Path(p).relative_to(ws.path)) for p in (md, csv, png)])
+
+    _written_by_rank0(write)
     return {"results": results, "markdown": Path(md), "csv": Path(csv), "png": Path(png), "claims": claims, "stages": pairs}

@@ -40,6 +40,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .. import distributed as ddp
 from ..data.base import indexed
 from ..data.loader import iter_batches
 from ..errors import ConceptEvoError, LayerNotFoundError, check_positive
@@ -183,7 +184,7 @@ def _replaced(out: torch.Tensor, src: torch.Tensor, mask: torch.Tensor) -> torch
 
 def reversion_counts(model_from: nn.Module, model_to: nn.Module, dataset, positions, masks: dict[str, np.ndarray],
                      batch_size: int = 64, device="cpu", fork: bool = True, progress: bool = False,
-                     desc: str = "reversion") -> tuple[np.ndarray, np.ndarray, int]:
+                     desc: str = "reversion", check_models: bool = True) -> tuple[np.ndarray, np.ndarray, int]:
     """Top-1/top-5 hits of ``model_to`` on ``positions`` of ``dataset``, clean and with each reversion.
 
     ``masks[layer]`` is a boolean ``[variants, channels]`` array: variant v
@@ -191,7 +192,22 @@ def reversion_counts(model_from: nn.Module, model_to: nn.Module, dataset, positi
     in eval mode. Returns ``(clean [2], reverted [layers, variants, 2], images)``
     with layers in ``masks``' order. ``fork=False`` forces one forward per
     variant (for checking).
+
+    Under ``torchrun`` each rank counts every ``world``-th position and the
+    counts are summed, so every rank returns one process's numbers. Ranks
+    first compare the positions and masks and, with ``check_models``, both
+    models' hashes (:func:`evaluate_reversion` has just compared the models
+    and skips that).
     """
+    positions = np.asarray(positions, dtype=np.int64).reshape(-1)
+    split = ddp.splits(positions.size)
+    if ddp.active():
+        ddp.check_same("image sample or masks", b"".join(
+            [f"{len(dataset)}|{list(masks)}|".encode(), positions.tobytes()]
+            + [np.asarray(m, dtype=bool).tobytes() + str(np.shape(m)).encode() for m in masks.values()]))
+        if check_models:
+            ddp.check_same("model", ddp.model_hash(model_from) + "|" + ddp.model_hash(model_to))
+    mine = ddp.shard(positions) if split else positions
     layers = list(masks)
     dev = torch.device(device)
     dtype = model_dtype(model_to)
@@ -201,10 +217,10 @@ def reversion_counts(model_from: nn.Module, model_to: nn.Module, dataset, positi
     reverted = {n: torch.zeros(nvar[n], 2, dtype=torch.int64, device=dev) for n in layers}
     mode: dict[str, str] = {}
     total = 0
-    batches = iter_batches(dataset, batch_size, positions=np.asarray(positions, dtype=np.int64))
+    batches = iter_batches(dataset, batch_size, positions=mine)
     with torch.no_grad():
-        for b, (x, y, _) in enumerate(tqdm(batches, total=-(-len(positions) // batch_size), desc=desc,
-                                           disable=not progress, leave=False)):
+        for b, (x, y, _) in enumerate(tqdm(batches, total=-(-len(mine) // batch_size), desc=desc,
+                                           disable=not progress or not ddp.is_main(), leave=False)):
             x = x.to(device=dev, dtype=dtype, non_blocking=True)
             y = y.to(dev)
             nb = x.shape[0]
@@ -243,7 +259,11 @@ def reversion_counts(model_from: nn.Module, model_to: nn.Module, dataset, positi
             del acts_from
     forked = [n for n in layers if mode.get(n) == "fork"]
     log.debug("reversion: %d of %d layers share their prefix across bins (%s)", len(forked), len(layers), ", ".join(forked))
-    return clean.cpu().numpy(), np.stack([reverted[n].cpu().numpy() for n in layers]), total
+    rev = torch.stack([reverted[n] for n in layers])
+    if split:  # integer counts: the sum over ranks is exactly one process's count
+        clean, rev = ddp.all_reduce_sum(clean), ddp.all_reduce_sum(rev)
+        total = int(ddp.all_reduce_sum(torch.tensor([total], dtype=torch.int64))[0])
+    return clean.cpu().numpy(), rev.cpu().numpy(), total
 
 
 def _fork_counts(model_to, layer, x, y, src, masks) -> torch.Tensor:
@@ -340,6 +360,10 @@ def evaluate_reversion(model_from: nn.Module, model_to: nn.Module, train_dataset
     into ``bins + 1`` copies after the layer (see the module docstring);
     ``batch_size`` bounds memory, which the fork multiplies by ``bins + 1``
     past the layer.
+
+    Under ``torchrun`` the importance pass and the counts are shared across
+    ranks (every sample is seeded, so all ranks draw the same images and bins)
+    and every rank returns the same result.
     """
     check_positive("repeats", repeats, integer=True)
     check_positive("bins", bins, integer=True)
@@ -362,7 +386,7 @@ def evaluate_reversion(model_from: nn.Module, model_to: nn.Module, train_dataset
     changes = np.full((1, repeats, len(SPLITS), len(METRICS), len(names), nv), np.nan)
     clean = np.full((1, repeats, len(SPLITS), len(METRICS)), np.nan)
     counts = np.zeros((1, repeats, len(SPLITS)), dtype=np.int64)
-    for r in tqdm(range(repeats), desc=f"reversion c{class_index}", disable=not progress, leave=False):
+    for r in tqdm(range(repeats), desc=f"reversion c{class_index}", disable=not progress or not ddp.is_main(), leave=False):
         rng = np.random.default_rng([seed, r])
         train_pos = sample_positions(train_pos_all, num_images, rng)
         imp = evolution_importance(model_from, model_to, train_dataset, class_index, layers=names, images=train_pos,
@@ -375,7 +399,7 @@ def evaluate_reversion(model_from: nn.Module, model_to: nn.Module, train_dataset
         with eval_mode(model_from, model_to):
             for s, ds, pos in evals:
                 ok, rev, n = reversion_counts(model_from, model_to, ds, pos, masks, batch_size=batch_size, device=dev,
-                                              desc=f"revert {SPLITS[s]}")
+                                              desc=f"revert {SPLITS[s]}", check_models=False)
                 clean[0, r, s] = ok / n
                 changes[0, r, s] = np.moveaxis((rev - ok[None, None, :]) / n, -1, 0)
                 counts[0, r, s] = n

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .. import distributed as ddp
 from ..data.base import indexed
 from ..data.loader import iter_batches
 from ..errors import ConceptEvoError, check_positive
@@ -237,6 +238,13 @@ def evolution_importance(model_from: nn.Module, model_to: nn.Module, dataset, cl
     Returns an :class:`EvolutionImportance` whose ``neuron_ids`` are the
     ``"layer:channel"`` ids stimuli use. On CUDA, TF32 is turned off for the
     duration: the activation change is a difference of close numbers.
+
+    Under ``torchrun`` (see :mod:`conceptevo.distributed`) every rank samples
+    the same images (the sample is seeded; ranks compare it and both models'
+    hashes first), takes every ``world``-th of them, and the rows are
+    gathered back in order: every rank returns what one process would, up to
+    float rounding in the sensitivities (a batch's composition can change a
+    convolution's summation order).
     """
     check_positive("batch_size", batch_size, integer=True)
     check_distinct(model_from, model_to)
@@ -256,12 +264,20 @@ def evolution_importance(model_from: nn.Module, model_to: nn.Module, dataset, cl
     class_index = int(class_index)
     dtype = model_dtype(model_from)
     log.info("importance of %d layers' evolutions for class %d on %d images", len(names), class_index, positions.size)
+    split = ddp.splits(positions.size)
+    if ddp.active():
+        fp = dataset.fingerprint() if hasattr(dataset, "fingerprint") else type(dataset).__name__
+        ddp.check_same("dataset or image sample", f"{len(dataset)}|{fp}|{class_index}|{names}|".encode()
+                       + labels.astype(np.int64).tobytes() + b"|" + positions.astype(np.int64).tobytes())
+        ddp.check_same("model", ddp.model_hash(model_from) + "|" + ddp.model_hash(model_to))
+    mine = ddp.shard(positions) if split else positions
 
     chunks, idx_chunks, channels = [], [], []
-    bar = tqdm(total=int(positions.size), desc=f"importance c{class_index}", unit="img", disable=not progress, leave=False)
+    bar = tqdm(total=int(mine.size), desc=f"importance c{class_index}", unit="img",
+               disable=not progress or not ddp.is_main(), leave=False)
     try:
         with eval_mode(model_from, model_to), full_precision():
-            for b, (x, _, idx) in enumerate(iter_batches(dataset, batch_size, positions=positions)):
+            for b, (x, _, idx) in enumerate(iter_batches(dataset, batch_size, positions=mine)):
                 x = x.to(device=dev, dtype=dtype, non_blocking=True)
                 parts = batch_sensitivities(model_from, model_to, names, x, class_index, first=(b == 0))
                 if b == 0:
@@ -271,11 +287,14 @@ def evolution_importance(model_from: nn.Module, model_to: nn.Module, dataset, cl
                 bar.update(len(idx))
     finally:
         bar.close()
-    sens = torch.cat(chunks).numpy()
+    sens, image_indices = torch.cat(chunks), torch.cat(idx_chunks).to(torch.int64)
+    if split:  # every rank's rows, back in the order of positions: the same result as one process, on every rank
+        sens, image_indices = ddp.gather_shards(sens, positions.size), ddp.gather_shards(image_indices, positions.size)
+    sens = sens.numpy()
     if not np.isfinite(sens).all():
         raise ConceptEvoError("sensitivities contain NaN or Inf; check both checkpoints' weights and the input scaling")
     ids = [neuron_id(name, c) for name, k in zip(names, channels) for c in range(k)]
     scores = (sens > 0).mean(axis=0).astype(np.float32)
-    return EvolutionImportance(ids, scores, sens.astype(np.float32), torch.cat(idx_chunks).numpy(), class_index,
+    return EvolutionImportance(ids, scores, sens.astype(np.float32), image_indices.numpy(), class_index,
                                list(names), channels, positions)
 
