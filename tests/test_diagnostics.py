@@ -357,20 +357,133 @@ def test_monitor_bad_input(monitored_runs):
         ConceptMonitor(probe, space, collapse_share=1.5)
 
 
-def test_lightning_callback_needs_lightning(monitored_runs):
-    """The Lightning path itself cannot run here: lightning is not installed in this environment
-    (bench/lightning_check.py exercises it where it is)."""
+def _quiet_lightning(test):
+    """Silence Lightning's own noise, none of it the monitor's: a torch-2.13 deprecation inside lightning,
+    the few-dataloader-workers hint (only where there are more than 2 CPU cores), and the note on the
+    module kept in eval mode on purpose."""
+    for message in (r"`isinstance\(treespec, LeafSpec\)` is deprecated:FutureWarning",
+                    "The '?train_dataloader'? does not have many workers",
+                    r"Found 1 module\(s\) in eval mode at the start of training"):
+        test = pytest.mark.filterwarnings(f"ignore:{message}")(test)
+    return test
+
+
+def _lightning_fit(probe, space, max_epochs, stop_on_warning=False, nan_after_epoch=None):
+    """Train a small LightningModule (the monitor's `_net`, 4 batches of 32 an epoch, CPU, one thread)
+    with the monitor as a callback; returns (monitor, module, modes): `modes` holds, at each training
+    step, which of the model's modules were in training mode. Its first BatchNorm is frozen (kept in
+    eval mode, as when fine-tuning), which Lightning respects."""
+    pl = pytest.importorskip("lightning.pytorch")
+
+    data = _colour_shapes()
+    x, y = _batch(data, 1, size=128)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=32)
+    modes = []
+
+    class Module(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = _net(3)
+            self.net[1].eval()
+
+        def forward(self, x):
+            return self.net(x)
+
+        def training_step(self, batch, batch_idx):
+            modes.append([m.training for m in self.modules()])
+            loss = nn.functional.cross_entropy(self(batch[0]), batch[1])
+            self.log("loss", loss)
+            self.log("epoch_loss", loss, on_step=False, on_epoch=True)
+            return loss
+
+        def on_train_batch_end(self, outputs, batch, batch_idx):
+            if self.current_epoch + 1 == nan_after_epoch and batch_idx == 3:  # training blows up
+                with torch.no_grad():
+                    self.net[4].weight.fill_(float("nan"))
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=LR, momentum=0.9)
+
+    mon = ConceptMonitor(probe, space, k=10)
+    module = Module()
+    trainer = pl.Trainer(max_epochs=max_epochs, accelerator="cpu", devices=1, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         callbacks=[mon.as_lightning_callback(stop_on_warning=stop_on_warning)])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     try:
-        import lightning  # noqa: F401
-    except ImportError:
-        try:
-            import pytorch_lightning  # noqa: F401
-        except ImportError:
-            _, probe, space = monitored_runs
-            with pytest.raises(ConceptEvoError, match="pip install lightning"):
-                ConceptMonitor(probe, space, k=10).as_lightning_callback()
-            return
-    pytest.skip("lightning is installed; covered by the device check")
+        trainer.fit(module, loader)
+    finally:
+        torch.set_num_threads(threads)
+    return mon, module, modes
+
+
+@_quiet_lightning
+def test_monitor_as_lightning_callback(monitored_runs):
+    """The monitor as a Lightning callback measures the model once at the end of each training epoch."""
+    _, probe, space = monitored_runs
+    mon, module, modes = _lightning_fit(probe, space, max_epochs=3)
+    assert [r.epoch for r in mon.records] == [1.0, 2.0, 3.0]  # 1-based epochs
+    assert [r.step for r in mon.records] == [4, 8, 12]
+    assert [r.check for r in mon.records] == [0, 1, 2]
+    layers = {ALL, "net.0", "net.4", "net.8"}  # every Conv2d of the LightningModule
+    for r in mon.records:
+        assert r.finite and set(r.diversity) == layers and set(r.collapse) == layers
+        assert all(np.isfinite(v) for v in r.diversity.values())
+        assert all(0 <= v <= 1 for v in r.collapse.values())
+        assert 0 <= r.probe_top1 <= 1
+        assert np.isfinite(r.metrics["loss"]) and np.isfinite(r.metrics["epoch_loss"])  # the trainer's metrics, as floats
+    assert mon.records[0].moved == {}
+    assert all(set(r.moved) == layers and r.moved[ALL] > 0 for r in mon.records[1:])
+    assert not mon.fired, mon.summary()
+    # the measuring left every module in the mode it was in (training, but for the frozen BatchNorm)
+    frozen = [m is module.net[1] for m in module.modules()]
+    assert len(modes) == 12 and all(mode == [not f for f in frozen] for mode in modes)
+    # it measured the model as trained at that point: the last check is a check of the final model
+    again = ConceptMonitor(probe, space, k=10).check(module, epoch=3.0)
+    assert again.diversity == pytest.approx(mon.records[-1].diversity)
+    assert again.probe_top1 == mon.records[-1].probe_top1
+
+
+@_quiet_lightning
+def test_lightning_callback_stops_on_warning(monitored_runs):
+    """With stop_on_warning the trainer stops after the epoch that warned (here: weights gone NaN)."""
+    _, probe, space = monitored_runs
+    mon, _, modes = _lightning_fit(probe, space, max_epochs=4, stop_on_warning=True, nan_after_epoch=2)
+    assert [r.finite for r in mon.records] == [True, False]  # it stopped after the epoch that warned
+    assert len(modes) == 8
+    w = mon.first_warning()
+    assert w.kind == "nonfinite" and w.layers == ["net.4"] and w.epoch == 2.0
+
+
+def test_lightning_callback_is_picklable(monitored_runs):
+    """Spawn-based strategies (ddp_spawn, ddp_notebook) pickle the trainer's callbacks."""
+    import pickle
+
+    pytest.importorskip("lightning.pytorch")
+    from conceptevo.diagnostics import monitor as monitor_module
+
+    _, probe, space = monitored_runs
+    cb = ConceptMonitor(probe, space, k=10).as_lightning_callback(stop_on_warning=True)
+    assert isinstance(cb, monitor_module.ConceptMonitorCallback)
+    back = pickle.loads(pickle.dumps(cb))
+    assert type(back) is type(cb) and back.stop_on_warning and back.monitor.k == 10
+
+
+def test_lightning_callback_needs_lightning(monitored_runs, monkeypatch):
+    """Without Lightning, asking for the callback is a clear error (Lightning is imported only then)."""
+    import sys
+
+    from conceptevo.diagnostics import monitor as monitor_module
+
+    for name in ("lightning", "lightning.pytorch", "pytorch_lightning"):
+        monkeypatch.setitem(sys.modules, name, None)  # makes `import name` raise ImportError
+    monkeypatch.setattr(monitor_module, "_LIGHTNING_CLASS", None)  # as if never built
+    _, probe, space = monitored_runs
+    with pytest.raises(ConceptEvoError, match="pip install lightning"):
+        ConceptMonitor(probe, space, k=10).as_lightning_callback()
+    with pytest.raises(ConceptEvoError, match="pip install lightning"):
+        monitor_module.ConceptMonitorCallback
 
 
 def test_monitor_from_workspace(tmp_path_factory):

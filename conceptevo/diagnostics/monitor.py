@@ -226,6 +226,17 @@ class ConceptMonitor:
 
     # -- measuring --------------------------------------------------------------------------------
     def _measure(self, model, epoch, step, tag, metrics) -> MonitorRecord:
+        # Measuring switches the model to eval mode and back to the model's own mode, which would turn
+        # every submodule to that mode; keep each submodule's own (e.g. a BatchNorm frozen in eval mode
+        # while the rest trains, which Lightning respects) so training goes on as it was.
+        modes = [(m, m.training) for m in model.modules()]
+        try:
+            return self._measure_now(model, epoch, step, tag, metrics)
+        finally:
+            for m, training in modes:
+                m.training = training
+
+    def _measure_now(self, model, epoch, step, tag, metrics) -> MonitorRecord:
         from ..projection import project
         from ..stimuli import find_stimuli
 
@@ -440,6 +451,10 @@ def _lightning_callback_class():
                 if self.stop_on_warning and len(self.monitor.warnings) > before:
                     trainer.should_stop = True
 
+        # pickle finds the class under this name through the module's __getattr__ below (spawn-based
+        # strategies such as ddp_spawn pickle the trainer's callbacks); a local class could not be pickled
+        ConceptMonitorCallback.__qualname__ = "ConceptMonitorCallback"
+        ConceptMonitorCallback.__module__ = __name__
         _LIGHTNING_CLASS = ConceptMonitorCallback
     return _LIGHTNING_CLASS
 
