@@ -84,3 +84,41 @@ def test_quick_demo_on_gpu(tmp_path):
 
     assert main(["demo", "--quick", "--device", "cuda", "--out", str(tmp_path / "d")]) == 0
     assert any((tmp_path / "d").rglob("*.png"))
+
+
+def first_max(x: torch.Tensor):
+    """Max of each map and the lowest position holding it, computed without any argmax."""
+    flat = x.float().flatten(2)
+    v = flat.amax(dim=2)
+    where = torch.arange(flat.shape[2], device=x.device).expand_as(flat)
+    return v, torch.where(flat == v.unsqueeze(2), where, flat.shape[2]).amin(dim=2)
+
+
+def test_fused_kernel_on_gpu():
+    pytest.importorskip("triton")
+    from conceptevo.stimuli import _fused
+
+    torch.manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        for channels_last in (False, True):
+            for shape in [(256, 64, 56, 56), (7, 5, 20, 20), (3, 70, 7, 7), (2, 9, 33, 31), (300, 512, 14, 14), (5, 3, 1, 17)]:
+                x = torch.randn(shape, device="cuda").to(dtype)  # bfloat16 maps of 3,136 values hold many ties
+                x[0, 0] = 1.5
+                if channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                assert _fused.available(x)
+                v, p = _fused.max_argmax(x)
+                rv, rp = first_max(x)
+                assert torch.equal(v, rv), (dtype, channels_last, shape)
+                assert torch.equal(p, rp), (dtype, channels_last, shape)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_merges_agree_on_gpu(tiny_model, tiny_data, channels_last):
+    """The same forward on the GPU: merging per layer and per batch (through the fused kernel) pick the same stimuli."""
+    m = tiny_model.cuda()
+    a = find_stimuli(m, tiny_data, k=5, batch_size=16, device="cuda", progress=False, merge="layer", channels_last=channels_last)
+    b = find_stimuli(m, tiny_data, k=5, batch_size=16, device="cuda", progress=False, merge="batch", channels_last=channels_last)
+    np.testing.assert_array_equal(a.indices, b.indices)
+    np.testing.assert_array_equal(a.values, b.values)
+    np.testing.assert_array_equal(a.positions, b.positions)

@@ -20,6 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .. import distributed as ddp
+from . import _fused
 from ..data.loader import iter_batches
 from ..errors import ConceptEvoError, check_positive
 from ..io import load_npy, read_json, save_npy, write_json
@@ -125,6 +126,9 @@ def _strength(out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """
     if out.dim() == 2:
         return out.clone(), torch.zeros_like(out, dtype=torch.int64)
+    fused = _fused.try_max_argmax(out)  # CUDA maps with Triton: one read at full bandwidth
+    if fused is not None:
+        return fused
     if out.dim() == 4 and not out.is_contiguous() and out.is_contiguous(memory_format=torch.channels_last):
         # channels-last maps: reduce over the positions axis of the NHWC view, with no copy
         b, c = out.shape[:2]
