@@ -42,21 +42,25 @@ def _kernel():
         split = tl.program_id(2)
         cmask = cs < C
         start = split * (STEPS * BLOCK_P)
-        best = tl.full([BLOCK_C], float("-inf"), tl.float32)
-        best_p = tl.zeros([BLOCK_C], dtype=tl.int32)
-        nans = tl.zeros([BLOCK_C], dtype=tl.int32)
+        # per tile slot: the running max over this program's tiles and its first position; no cross-thread
+        # work until the end (a reduction across the tile in every step made the kernel slower than PyTorch's)
+        acc = tl.full([BLOCK_P, BLOCK_C], float("-inf"), tl.float32)
+        acc_p = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.int32)
+        nans = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.int32)
         base = x_ptr + b.to(tl.int64) * stride_b + cs[None, :].to(tl.int64) * stride_c
         for step in range(STEPS):
-            off = start + step * BLOCK_P
-            ps = off + tl.arange(0, BLOCK_P)
+            ps = start + step * BLOCK_P + tl.arange(0, BLOCK_P)
             m = (ps[:, None] < HW) & cmask[None, :]
             x = tl.load(base + ps[:, None].to(tl.int64) * stride_p, mask=m, other=float("-inf")).to(tl.float32)
-            nans += tl.sum((x != x).to(tl.int32), axis=0)
-            v, i = tl.max(x, axis=0, return_indices=True, return_indices_tie_break_left=True)
-            better = v > best  # strictly: an equal value later in the map keeps the earlier position
-            best = tl.where(better, v, best)
-            best_p = tl.where(better, off + i, best_p)
-        best = tl.where(nans > 0, float("nan"), best)
+            nans = nans | (x != x).to(tl.int32)
+            better = x > acc  # strictly: a slot's later position with an equal value keeps the earlier one
+            acc = tl.where(better, x, acc)
+            acc_p = tl.where(better, ps[:, None] + tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.int32), acc_p)
+        best = tl.max(acc, axis=0)
+        # the first position holding the max: the lowest among the slots that reached it
+        best_p = tl.min(tl.where(acc == best[None, :], acc_p, HW), axis=0)
+        best_p = tl.where(best_p == HW, 0, best_p)  # nothing above -inf: position 0, as PyTorch gives
+        best = tl.where(tl.max(nans, axis=0) > 0, float("nan"), best)
         out = (b * tl.num_programs(2) + split) * C + cs
         tl.store(val_ptr + out, best, mask=cmask)
         tl.store(idx_ptr + out, best_p, mask=cmask)
@@ -86,9 +90,9 @@ def max_argmax(out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     HW = H * W
     stride_p = out.stride(3) if W > 1 else out.stride(2)
     if stride_p == 1 and out.stride(1) != 1:  # positions contiguous (NCHW): long tiles along the map
-        block_p, block_c = 128, 8
+        block_p, block_c = 64, 16
     else:                                     # channels contiguous (channels-last): wide tiles across channels
-        block_p, block_c = 32, 64
+        block_p, block_c = 16, 64
     block_c = min(block_c, max(8, 1 << (C - 1).bit_length()))
     cblocks = -(-C // block_c)
     splits = max(1, min(-(-HW // block_p), -(-_TARGET_PROGRAMS // (B * cblocks))))
