@@ -60,7 +60,7 @@ def test_importance_on_branching_model(tiny_data):
 
 
 
-@pytest.mark.parametrize("name", ["vgg16", "resnet50", "inception_v3", "convnext_tiny"])
+@pytest.mark.parametrize("name", ["vgg16", "vgg19", "resnet50", "inception_v3", "convnext_tiny"])
 def test_torchvision_architectures(name):
     tv = pytest.importorskip("torchvision", reason="torchvision is optional (the 'vision' extra)")
     from conceptevo import build_model
