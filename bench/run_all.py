@@ -2,7 +2,9 @@
 
 Each script measures its own ratios side by side in one run; absolute times
 are not comparable between runs on these noisy machines. The GPU benchmark
-(bench_gpu.py) runs only where CUDA is available.
+(bench_gpu.py) runs only where CUDA is available. Ends with the end-to-end
+times of `conceptevo demo --quick` and of the full `conceptevo demo`
+(``--skip-full-demo`` leaves the latter out: about 5 minutes on 2 cores).
 """
 import subprocess
 import sys
@@ -31,10 +33,14 @@ def main():
         t = time.perf_counter()
         r = subprocess.run([sys.executable, str(HERE / cmd[0]), *cmd[1:]])
         print(f"[{cmd[0]}: exit {r.returncode}, {time.perf_counter() - t:.0f} s]", flush=True)
-    print("\n=== end-to-end: conceptevo demo --quick ===", flush=True)
-    t = time.perf_counter()
-    r = subprocess.run([sys.executable, "-m", "conceptevo.cli", "demo", "--quick", "--out", "/tmp/conceptevo-bench-demo", "--no-progress"])
-    print(f"[demo --quick: exit {r.returncode}, {time.perf_counter() - t:.0f} s]")
+    demos = [["--quick"]] + ([] if "--skip-full-demo" in sys.argv else [[]])
+    for flags in demos:
+        name = " ".join(["conceptevo demo", *flags])
+        print(f"\n=== end-to-end: {name} ===", flush=True)
+        out = Path("/tmp") / ("conceptevo-bench-demo" + "".join(f.strip("-") for f in flags))
+        t = time.perf_counter()
+        r = subprocess.run([sys.executable, "-m", "conceptevo.cli", "demo", *flags, "--out", str(out), "--no-progress"])
+        print(f"[{name}: exit {r.returncode}, {time.perf_counter() - t:.0f} s]", flush=True)
 
 
 if __name__ == "__main__":
