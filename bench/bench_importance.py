@@ -170,6 +170,20 @@ def main():
         t_fork = timed(lambda: reversion_counts(m_from, m_to, train, pos, masks, args.batch_size, device), device, repeat=1)
         t_direct = timed(lambda: reversion_counts(m_from, m_to, train, pos, masks, args.batch_size, device, fork=False),
                          device, repeat=1)
+        # a residual model: inside its blocks the batch is copied where it enters the block
+        from conceptevo import build_model
+
+        torch.manual_seed(1)
+        r_from = build_model("resnet_like", in_channels=int(x.shape[1]), num_classes=CLASSES).to(device).eval()
+        r_to = copy.deepcopy(r_from)
+        with torch.no_grad():
+            for p in r_to.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+        r_mods = dict(r_to.named_modules())
+        r_masks = {n: _bin_masks(rng.random(r_mods[n].out_channels).astype(np.float32), 4, rng) for n in resolve_layers(r_to)}
+        t_rfork = timed(lambda: reversion_counts(r_from, r_to, train, pos, r_masks, args.batch_size, device), device, repeat=1)
+        t_rdirect = timed(lambda: reversion_counts(r_from, r_to, train, pos, r_masks, args.batch_size, device, fork=False),
+                          device, repeat=1)
     sync(device)
     t0 = time.perf_counter()
     evaluate_reversion(m_from, m_to, train, test, c, num_images=args.images, repeats=args.repeats, batch_size=args.batch_size,
@@ -184,6 +198,9 @@ def main():
          f"{t_loop / t_imp:,.0f}x slower than (b)  [target >= 100x]"),
         ("(d1) reversion counts, 128 imgs x 8 layers x 5 bins, fork", t_fork, f"{t_direct / t_fork:.2f}x faster than per-bin"),
         ("(d2) reversion counts, same, one forward per bin", t_direct, ""),
+        (f"(d4) same on ResNet-like ({len(r_masks)} convs), fork or copy at the block", t_rfork,
+         f"{t_rdirect / t_rfork:.2f}x faster than per-bin"),
+        ("(d5) same on ResNet-like, one forward per bin", t_rdirect, ""),
         (f"(d3) evaluate_reversion, one class, {args.repeats} repeat(s), train+test", t_eval,
          f"~{t_eval * 5 / args.repeats:.2f} s for 5 repeats"),
     ]

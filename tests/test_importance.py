@@ -289,6 +289,57 @@ def test_batched_reversion_counts_match_direct(kind):
     np.testing.assert_array_equal(rev[:, 0], np.broadcast_to(clean, rev[:, 0].shape))  # nothing reverted, no change
 
 
+class Block(nn.Module):
+    """A residual block: two convs and a skip connection that meets the second conv's output."""
+
+    def __init__(self, c: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c, c, 3, padding=1)
+        self.conv2 = nn.Conv2d(c, c, 3, padding=1)
+
+    def forward(self, x):
+        return torch.relu(x + self.conv2(torch.relu(self.conv1(x))))
+
+
+class BlockNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(1, 4, 3, padding=1)
+        self.stage = nn.Sequential(Block(4), Block(4))
+        self.fc = nn.Linear(4, NUM_CLASSES)
+
+    def forward(self, x):
+        return self.fc(self.stage(torch.relu(self.stem(x))).mean(dim=(2, 3)))
+
+
+def test_residual_blocks_share_the_prefix_before_the_block():
+    """Inside a residual block the batch is copied where it enters the block (the skip connection needs
+    the copies too); counts equal one forward per bin."""
+    from conceptevo.importance.reversion import _choose_mode
+
+    m_from = _init(BlockNet(), 0).double()
+    m_to = _evolved(m_from, 1)
+    data = TinyData()
+    layers = resolve_layers(m_to)
+    rng = np.random.default_rng(1)
+    masks = {n: rng.random((4, 4)) < 0.5 for n in layers}
+    pos = np.arange(0, 60, 2)
+    with eval_mode(m_from, m_to), torch.no_grad():
+        x = data.images[:6].double()
+        modes = {}
+        for n in layers:
+            with capture(m_from, [n], lambda _n, o: o.detach().clone()) as acts:
+                m_from(x)
+            modes[n] = _choose_mode(m_to, n, x, acts[n], torch.as_tensor(masks[n]))
+        assert modes == {"stem": "fork", "stage.0.conv1": "block:stage.0", "stage.0.conv2": "block:stage.0",
+                         "stage.1.conv1": "block:stage.1", "stage.1.conv2": "block:stage.1"}
+        clean, rev, n = reversion_counts(m_from, m_to, data, pos, masks, batch_size=7)
+        clean_d, rev_d, _ = reversion_counts(m_from, m_to, data, pos, masks, batch_size=7, fork=False)
+    np.testing.assert_array_equal(clean, clean_d)
+    np.testing.assert_array_equal(rev, rev_d)
+    assert rev.sum() > 0
+
+
 def test_evaluate_reversion_end_to_end(tmp_path):
     m_from, m_to = pair("res")
     train, test = TinyData(80, seed=0), TinyData(40, seed=1)

@@ -175,6 +175,39 @@ def _forked(out: torch.Tensor, src: torch.Tensor, masks: torch.Tensor) -> torch.
     return stacked.reshape((-1,) + tuple(out.shape[1:]))
 
 
+def _refork(out: torch.Tensor, src: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """The layer output of a batch already copied V times (variant-major): copy v takes ``masks[v]``'s channels from ``src``."""
+    nv, b = masks.shape[0], src.shape[0]
+    if out.shape[0] != nv * b:
+        raise RuntimeError(f"expected {nv * b} rows at the layer, got {out.shape[0]}")
+    shape = (nv, 1, masks.shape[1]) + (1,) * (out.dim() - 2)
+    copies = out.reshape((nv, b) + tuple(out.shape[1:]))
+    return torch.where(masks.view(shape), src.unsqueeze(0).to(out.dtype), copies).reshape(out.shape)
+
+
+@contextmanager
+def _copied_inputs(module: nn.Module, copies: int, batch: int):
+    """Within the block, ``module``'s tensor inputs of ``batch`` rows enter as ``copies`` copies (variant-major)."""
+
+    def rep(a):
+        if isinstance(a, torch.Tensor) and a.dim() > 0 and a.shape[0] == batch:
+            return a.repeat((copies,) + (1,) * (a.dim() - 1))
+        return a
+
+    handle = module.register_forward_pre_hook(lambda _m, args, kwargs: (tuple(map(rep, args)), {k: rep(v) for k, v in kwargs.items()}),
+                                              with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def _enclosing(layer: str) -> list[str]:
+    """The modules that contain ``layer``, innermost first (not the model itself)."""
+    parts = layer.split(".")
+    return [".".join(parts[:i]) for i in range(len(parts) - 1, 0, -1)]
+
+
 def _replaced(out: torch.Tensor, src: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     if not bool(mask.any()):
         return out
@@ -244,9 +277,9 @@ def reversion_counts(model_from: nn.Module, model_to: nn.Module, dataset, positi
                 src, m = acts_from[n], mask_t[n]
                 if b == 0:
                     mode[n] = _choose_mode(model_to, n, x, src, m) if fork else "direct"
-                if mode[n] == "fork":
+                if mode[n] != "direct":
                     try:
-                        reverted[n] += _fork_counts(model_to, n, x, y, src, m)
+                        reverted[n] += _fork_counts(model_to, n, x, y, src, m, mode[n])
                     except RuntimeError as e:  # safety net: the check on the first batch passed but this batch cannot fork
                         log.debug("layer %s: fork failed on batch %d (%s); one forward per bin", n, b, str(e)[:120])
                         mode[n] = "direct"
@@ -257,8 +290,8 @@ def reversion_counts(model_from: nn.Module, model_to: nn.Module, dataset, positi
                         require_once(calls)
                         reverted[n][v] += _correct(logits, y, 5)
             del acts_from
-    forked = [n for n in layers if mode.get(n) == "fork"]
-    log.debug("reversion: %d of %d layers share their prefix across bins (%s)", len(forked), len(layers), ", ".join(forked))
+    shared = [f"{n} ({mode[n]})" for n in layers if mode.get(n, "direct") != "direct"]
+    log.debug("reversion: %d of %d layers share a prefix across bins: %s", len(shared), len(layers), ", ".join(shared))
     rev = torch.stack([reverted[n] for n in layers])
     if split:  # integer counts: the sum over ranks is exactly one process's count
         clean, rev = ddp.all_reduce_sum(clean), ddp.all_reduce_sum(rev)
@@ -266,11 +299,16 @@ def reversion_counts(model_from: nn.Module, model_to: nn.Module, dataset, positi
     return clean.cpu().numpy(), rev.cpu().numpy(), total
 
 
-def _fork_counts(model_to, layer, x, y, src, masks) -> torch.Tensor:
-    """``[variants, 2]`` hits with the batch forked at ``layer``.
+def _fork_counts(model_to, layer, x, y, src, masks, mode: str = "fork") -> torch.Tensor:
+    """``[variants, 2]`` hits with the batch forked into one copy per variant.
 
+    ``mode`` "fork": the batch is copied at ``layer``'s output, so everything
+    before the layer runs once. "block:NAME": the batch is copied where it
+    enters the enclosing module NAME (say a residual block, whose skip
+    connection would otherwise meet a single copy), and the copies are
+    reverted at ``layer``; everything before the block runs once.
     On the CPU the batch goes through in chunks of about ``B / variants``
-    images, so the forked tensors past the layer stay about one batch in size
+    images, so the forked tensors stay about one batch in size
     (cache-friendlier; the prefix still runs once per image). On an
     accelerator the whole batch is forked at once (fewer, larger kernels).
     """
@@ -278,48 +316,57 @@ def _fork_counts(model_to, layer, x, y, src, masks) -> torch.Tensor:
     step = x.shape[0] if x.device.type != "cpu" else max(2, -(-x.shape[0] // nv))
     hits = torch.zeros(nv, 2, dtype=torch.int64, device=x.device)
     for xs, ys, ss in zip(x.split(step), y.split(step), src.split(step)):
-        with replace_outputs(model_to, {layer: lambda out: _forked(out, ss, masks)}) as calls:
-            logits = run_model(model_to, xs, False)
-        require_once(calls)
+        logits = _forked_logits(model_to, layer, xs, ss, masks, mode)
         if logits.shape[0] != nv * xs.shape[0]:
             raise RuntimeError(f"expected {nv * xs.shape[0]} outputs, got {logits.shape[0]}")
         hits += _correct(logits.view(nv, xs.shape[0], -1), ys, 5)
     return hits
 
 
-def _choose_mode(model_to, layer, x, src, masks) -> str:
-    """'fork' when forking the batch at ``layer`` reproduces per-variant forwards, else 'direct'.
+def _forked_logits(model_to, layer, x, src, masks, mode: str):
+    if mode == "fork":
+        with replace_outputs(model_to, {layer: lambda out: _forked(out, src, masks)}) as calls:
+            logits = run_model(model_to, x, False)
+    else:
+        block = dict(model_to.named_modules())[mode.partition(":")[2]]
+        with _copied_inputs(block, masks.shape[0], x.shape[0]), \
+                replace_outputs(model_to, {layer: lambda out: _refork(out, src, masks)}) as calls:
+            logits = run_model(model_to, x, False)
+    require_once(calls)
+    return logits
 
-    Checked on a few images of the batch (at least two, so a skip connection
-    cannot pass by broadcasting a single image) against plain per-variant
-    forwards of the first and last variants.
+
+def _choose_mode(model_to, layer, x, src, masks) -> str:
+    """How to share work across the variants at ``layer``: "fork", "block:NAME" or "direct".
+
+    Tried in that order, the first that reproduces plain per-variant forwards
+    wins: fork at the layer (the most shared), then copy the batch where it
+    enters each enclosing module, innermost first (a residual block's skip
+    connection needs the copies before it splits), else one forward per
+    variant. Checked on a few images of the batch (at least two, so a skip
+    connection cannot pass by broadcasting a single image) against the first
+    and last variants' plain forwards.
     """
     k = min(x.shape[0], 4)
     xs, ss, nv = x[:k], src[:k], masks.shape[0]
-    try:
-        with replace_outputs(model_to, {layer: lambda out: _forked(out, ss, masks)}):
-            logits = _logits_or_none(model_to, xs)
-    except RuntimeError as e:
-        log.debug("layer %s: cannot fork the batch (%s); one forward per bin", layer, str(e).splitlines()[0][:120])
-        return "direct"
-    if logits is None or logits.shape[0] != nv * k:
-        return "direct"
-    logits = logits.view(nv, k, -1)
+    refs = {}
     for v in sorted({0, nv - 1}):
         with replace_outputs(model_to, {layer: lambda out, mv=masks[v]: _replaced(out, ss, mv)}):
-            ref = run_model(model_to, xs, False)
-        scale = max(1.0, float(ref.abs().max()))
-        if not torch.allclose(logits[v], ref, rtol=1e-4, atol=1e-4 * scale):
-            log.debug("layer %s: forked outputs differ from per-bin forwards; one forward per bin", layer)
-            return "direct"
-    return "fork"
-
-
-def _logits_or_none(model, x):
-    try:
-        return run_model(model, x, False)
-    except ConceptEvoError:
-        return None
+            refs[v] = run_model(model_to, xs, False)
+    for mode in ["fork"] + [f"block:{name}" for name in _enclosing(layer)]:
+        try:
+            logits = _forked_logits(model_to, layer, xs, ss, masks, mode)
+        except (RuntimeError, ConceptEvoError) as e:
+            log.debug("layer %s: %s fails (%s)", layer, mode, str(e).splitlines()[0][:120])
+            continue
+        if logits.shape[0] != nv * k:
+            continue
+        logits = logits.view(nv, k, -1)
+        if all(torch.allclose(logits[v], ref, rtol=1e-4, atol=1e-4 * max(1.0, float(ref.abs().max())))
+               for v, ref in refs.items()):
+            return mode
+        log.debug("layer %s: %s differs from per-variant forwards", layer, mode)
+    return "direct"
 
 
 # ---------------------------------------------------------------- the experiment
