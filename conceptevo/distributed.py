@@ -46,9 +46,9 @@ def init_from_env(device: str = "cpu", timeout_s: float = 600) -> bool:
     if dist.is_initialized():
         return True
     backend = "nccl" if str(device).startswith("cuda") else "gloo"
-    dist.init_process_group(backend=backend, timeout=_dt.timedelta(seconds=timeout_s))
-    if backend == "nccl":
+    if backend == "nccl":  # before the group exists, so NCCL's communicator binds each rank to its own GPU
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group(backend=backend, timeout=_dt.timedelta(seconds=timeout_s))
     log.info("rank %d of %d (%s)", dist.get_rank(), dist.get_world_size(), backend)
     return True
 
