@@ -234,8 +234,10 @@ def find_stimuli(model: nn.Module, dataset, k: int = 10, layers=None, batch_size
     computed only for the maps that enter the top-k (fastest on a CPU, where
     a max-with-index reduction costs about a third of a small CNN's forward).
     ``"batch"``: each hook only reduces its maps to ``[B, C]`` maxima and
-    argmaxes; one merge per batch covers every layer (fewest kernel launches:
-    fastest on a GPU, most of all for models with many layers).
+    argmaxes (on CUDA with Triton, by a fused kernel that reads each map once
+    at full bandwidth: :mod:`conceptevo.stimuli._fused`); one merge per batch
+    covers every layer (fewest kernel launches: fastest on a GPU, most of all
+    for models with many layers).
     ``"auto"``: "layer" on a CPU, "batch" elsewhere.
     """
     check_positive("k", k, integer=True)

@@ -72,11 +72,16 @@ def available(t: torch.Tensor) -> bool:
     """Whether :func:`max_argmax` can take ``t``: a 4-D floating CUDA tensor whose H x W positions share one stride."""
     if _disabled or t.dim() != 4 or not t.is_cuda or t.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         return False
+    return _has_triton() and _flat_positions(t)
+
+
+@functools.lru_cache(maxsize=None)
+def _has_triton() -> bool:
     try:
         import triton  # noqa: F401
     except ImportError:
         return False
-    return _flat_positions(t)
+    return True
 
 
 def _flat_positions(t: torch.Tensor) -> bool:
