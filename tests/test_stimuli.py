@@ -126,13 +126,14 @@ def test_bad_inputs(tiny_data):
         find_stimuli(m, tiny_data, k=0, progress=False)
 
 
+@pytest.mark.parametrize("bad", ["nan", "inf"])
 @pytest.mark.parametrize("merge", ["layer", "batch"])
-def test_nan_weights_name_the_layer(tiny_data, merge):
+def test_nan_weights_name_the_layer(tiny_data, merge, bad):
     from conftest import TinySeq
 
     m = TinySeq()
     with torch.no_grad():
-        m.features[3].weight[0, 0, 0, 0] = float("nan")
+        m.features[3].bias[1] = float(bad)
     with pytest.raises(ConceptEvoError, match="features.3"):
         find_stimuli(m, tiny_data, k=2, progress=False, merge=merge)
     with pytest.raises(ConceptEvoError, match="merge="):

@@ -146,16 +146,20 @@ class _TopK:
         self.k = k
         self.sum = torch.zeros(channels, dtype=torch.float64, device=device)
         self.sumsq = torch.zeros(channels, dtype=torch.float64, device=device)
-        self.finite = torch.ones(channels, dtype=torch.bool, device=device)
 
     @classmethod
     def concat(cls, parts: Sequence["_TopK"]) -> "_TopK":
         """One state holding ``parts``' channels one after another."""
         out = cls.__new__(cls)
         out.k = parts[0].k
-        for attr in ("v", "i", "p", "sum", "sumsq", "finite"):
+        for attr in ("v", "i", "p", "sum", "sumsq"):
             setattr(out, attr, torch.cat([getattr(t, attr) for t in parts]))
         return out
+
+    def finite(self) -> torch.Tensor:
+        """Per channel: no NaN or Inf strength seen. (Any such value makes the running sums NaN or Inf,
+        while finite float32 strengths cannot overflow a float64 sum: no separate check per batch.)"""
+        return torch.isfinite(self.sum) & torch.isfinite(self.sumsq)
 
     def update_from_output(self, out: torch.Tensor, idx: torch.Tensor, ascending_after: bool) -> None:
         """Merge one batch's layer output. Argmax positions are computed only for the (image, channel)
@@ -178,7 +182,6 @@ class _TopK:
 
     def update(self, vals: torch.Tensor, pos: torch.Tensor, idx: torch.Tensor, ascending_after: bool) -> None:
         vals = vals.float()
-        self.finite &= torch.isfinite(vals).all(0)
         self.sum += vals.sum(0, dtype=torch.float64)
         self.sumsq += (vals * vals).sum(0, dtype=torch.float64)
         C, B = vals.shape[1], vals.shape[0]
@@ -203,7 +206,6 @@ class _TopK:
         self._merge(ddp.all_gather_cat(self.v, 1), ddp.all_gather_cat(self.i, 1), ddp.all_gather_cat(self.p, 1), False)
         self.sum = ddp.all_reduce_sum(self.sum)
         self.sumsq = ddp.all_reduce_sum(self.sumsq)
-        self.finite = ddp.all_reduce_sum((~self.finite).int()) == 0
 
     def _merge(self, cv, ci, cp, ascending_after: bool) -> None:
         if not ascending_after:
@@ -327,7 +329,7 @@ def find_stimuli(model: nn.Module, dataset, k: int = 10, layers=None, batch_size
     top = states["all"] if per_batch else _TopK.concat([states[nm] for nm in names])
     top.merge_ranks()
     infos = [LayerInfo(name, int(shapes[name][0]) if shapes[name] else 1, tuple(int(s) for s in shapes[name][1:])) for name in names]
-    finite, start = top.finite.cpu().numpy(), 0
+    finite, start = top.finite().cpu().numpy(), 0
     for info in infos:
         if not finite[start:start + info.channels].all():
             raise ConceptEvoError(f"layer {info.name!r} produced NaN or Inf activations; check the checkpoint's weights and the input scaling")
