@@ -44,7 +44,7 @@ sys.path.insert(0, str(ROOT))
 
 from conceptevo.data import open_dataset, sample_pool  # noqa: E402
 from conceptevo.errors import ConceptEvoError  # noqa: E402
-from conceptevo.io import hash_json, read_json, save_npy, write_json  # noqa: E402
+from conceptevo.io import hash_json, read_json, save_figure, save_npy, write_json  # noqa: E402
 from conceptevo.models import build_model, load_checkpoint  # noqa: E402
 from conceptevo.models.checkpoints import checkpoint_hash  # noqa: E402
 from conceptevo.models.train import TrainConfig, train  # noqa: E402
@@ -263,10 +263,8 @@ def figures(res: dict, out: Path) -> list[str]:
     ax2.set_xlabel("epoch (log scale)")
     ax2.set_xscale("log")
     fig.tight_layout()
-    p = out / "diversity.png"
-    fig.savefig(p, dpi=120)
+    files += [str(p) for p in save_figure(fig, out / "diversity.png", dpi=120)]
     plt.close(fig)
-    files.append(str(p))
     # (b) distance moved between milestones, dropout vs no dropout
     fig, axes = plt.subplots(1, 2, figsize=(8, 3.4))
     for ax, label in zip(axes, ("paper", "late")):
@@ -288,10 +286,8 @@ def figures(res: dict, out: Path) -> list[str]:
         ax.set_title(f"{label} milestones (train top-1)", fontsize=9)
         ax.set_ylabel("mean distance moved")
     fig.tight_layout()
-    p = out / "speed.png"
-    fig.savefig(p, dpi=120)
+    files += [str(p) for p in save_figure(fig, out / "speed.png", dpi=120)]
     plt.close(fig)
-    files.append(str(p))
     return files
 
 

@@ -54,6 +54,28 @@ def atomic_path(path: str | os.PathLike, suffix: str = ""):
         raise
 
 
+#: No creation date (and a fixed SVG id salt, below) in vector files, so the same inputs give the same bytes.
+_REPRODUCIBLE = {"pdf": {"CreationDate": None}, "svg": {"Date": None}}
+
+
+def save_figure(fig, path, formats=None, dpi="figure", **savefig_kwargs) -> list[Path]:
+    """Write a matplotlib figure atomically; the caller still closes it.
+
+    Without ``formats``: PNG at exactly ``path``. With them: one file per
+    format, ``path`` with its suffix replaced. Vector files are reproducible
+    (no dates, fixed ids).
+    """
+    import matplotlib
+
+    path = Path(path)
+    targets = [(path, "png")] if formats is None else [(path.with_suffix("." + f), f) for f in formats]
+    for target, fmt in targets:
+        with atomic_path(target, suffix="." + fmt) as tmp:
+            with matplotlib.rc_context({"svg.hashsalt": "conceptevo"}):
+                fig.savefig(tmp, dpi=dpi, format=fmt, metadata=_REPRODUCIBLE.get(fmt), **savefig_kwargs)
+    return [t for t, _ in targets]
+
+
 def _no_space(path: Path, e: OSError) -> StorageError:
     return StorageError(
         f"no space left to write {path} ({e.strerror or e}); nothing half-written was kept: "

@@ -249,7 +249,7 @@ def _figures(results: dict, folder: Path) -> list[Path]:
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
-    from ..io import atomic_path
+    from ..io import save_figure
 
     paths = []
     if results["intruder"]:
@@ -264,11 +264,8 @@ def _figures(results: dict, folder: Path) -> list[Path]:
             ax.set_ylabel("true positive rate")
             ax.legend(fontsize=7, loc="lower right")
         fig.tight_layout()
-        p = folder / "roc.png"
-        with atomic_path(p, suffix=".png") as tmp:
-            fig.savefig(tmp, dpi=120, format="png")
+        paths += save_figure(fig, folder / "roc.png", dpi=120)
         plt.close(fig)
-        paths.append(p)
     if results["layers"]:
         rows = results["layers"][:3]
         fig, axes = plt.subplots(2, len(rows), figsize=(3.4 * len(rows), 6.2), squeeze=False)
@@ -283,11 +280,8 @@ def _figures(results: dict, folder: Path) -> list[Path]:
                 ax.tick_params(labelsize=6)
                 fig.colorbar(im, ax=ax, fraction=0.046)
         fig.tight_layout()
-        p = folder / "layers.png"
-        with atomic_path(p, suffix=".png") as tmp:
-            fig.savefig(tmp, dpi=120, format="png")
+        paths += save_figure(fig, folder / "layers.png", dpi=120)
         plt.close(fig)
-        paths.append(p)
     return paths
 
 

@@ -21,7 +21,7 @@ from typing import Sequence
 import numpy as np
 
 from ..errors import ConceptEvoError
-from ..io import atomic_path, write_bytes, write_json
+from ..io import save_figure, write_bytes, write_json
 from ..workspace import Workspace, WorkspaceLock
 from .metrics import ALL, CheckpointMetrics, _jsonable, checkpoint_metrics, distance_moved, milestone_speed
 
@@ -181,11 +181,8 @@ def plot_diagnosis(diag: Diagnosis, folder) -> list[Path]:
         ax.legend(fontsize=8, loc="best")
         ax.set_title(f"{name} per checkpoint, beside training accuracy", fontsize=10)
         fig.tight_layout()
-        p = folder / f"{name}.png"
-        with atomic_path(p, suffix=".png") as tmp:
-            fig.savefig(tmp, dpi=120, format="png")
+        out += save_figure(fig, folder / f"{name}.png", dpi=120)
         plt.close(fig)
-        out.append(p)
     return out
 
 

@@ -117,7 +117,7 @@ def plot_evolutions(ws: Workspace, model: str, tag_from: str, tag_to: str, imp, 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ..io import atomic_path
+    from ..io import save_figure
 
     ds = ws.dataset("train")
     s_from, s_to = ws.stimuli(model, tag_from), ws.stimuli(model, tag_to)
@@ -139,9 +139,7 @@ def plot_evolutions(ws: Workspace, model: str, tag_from: str, tag_to: str, imp, 
         axes[r, 0].set_ylabel(f"{nid}\n{score:.2f}", fontsize=6, rotation=0, ha="right", va="center")
     fig.suptitle(f"{model}: evolutions {tag_from} → {tag_to} most important for '{class_name}' (score = share of images helped)", fontsize=8)
     fig.tight_layout()
-    path = Path(path)
-    with atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, dpi=120, format="png")
+    path = save_figure(fig, path, dpi=120)[0]
     plt.close(fig)
     return path
 

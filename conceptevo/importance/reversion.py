@@ -44,7 +44,7 @@ from .. import distributed as ddp
 from ..data.base import indexed
 from ..data.loader import iter_batches
 from ..errors import ConceptEvoError, LayerNotFoundError, check_positive
-from ..io import atomic_path
+from ..io import atomic_path, save_figure
 from ..layers import capture
 from ._common import (
     check_class,
@@ -677,7 +677,4 @@ def plot_reversion_bars(path, results, split: str | None = None, metric: str | N
                 ax.set_ylabel("accuracy change", fontsize=8)
                 ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
-    path = Path(path)
-    with atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, format="png")
-    return path
+    return save_figure(fig, path)[0]

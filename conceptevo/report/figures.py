@@ -29,21 +29,9 @@ def _plt():
     return plt
 
 
-#: No creation date (and, below, a fixed SVG id salt) in vector files, so the same inputs give the same bytes.
-_REPRODUCIBLE = {"pdf": {"CreationDate": None}, "svg": {"Date": None}}
-
-
 def _save(fig, path, formats) -> list[Path]:
-    plt = _plt()
-    out = []
-    path = Path(path)
-    for fmt in formats:
-        p = path.with_suffix("." + fmt)
-        with io.atomic_path(p, suffix="." + fmt) as tmp:
-            with plt.rc_context({"svg.hashsalt": "conceptevo"}):
-                fig.savefig(tmp, dpi=130, format=fmt, bbox_inches="tight", metadata=_REPRODUCIBLE.get(fmt))
-        out.append(p)
-    plt.close(fig)
+    out = io.save_figure(fig, path, formats, dpi=130, bbox_inches="tight")
+    _plt().close(fig)
     return out
 
 

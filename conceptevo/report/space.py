@@ -51,14 +51,7 @@ def plot_space_grid(ws, path, formats=("png",), max_columns: int = 8) -> list[Pa
                 ax.set_ylabel(m, fontsize=9)
     fig.suptitle("Unified semantic space (colour: layer depth, dark = early)", fontsize=10)
     fig.tight_layout()
-    out = []
-    path = Path(path)
-    for fmt in formats:
-        p = path.with_suffix("." + fmt)
-        with io.atomic_path(p, suffix="." + fmt) as tmp:
-            with plt.rc_context({"svg.hashsalt": "conceptevo"}):  # no dates, fixed ids: same inputs, same bytes
-                fig.savefig(tmp, dpi=110, format=fmt, metadata={"pdf": {"CreationDate": None}, "svg": {"Date": None}}.get(fmt))
-        out.append(p)
+    out = io.save_figure(fig, path, formats, dpi=110)
     plt.close(fig)
     return out
 
