@@ -101,7 +101,7 @@ def train_all(s: Settings, data: dict, root: Path, device: str) -> dict[str, Pat
         mpath = run_dir / "run.json"
         if not (mpath.exists() and read_json(mpath) == json.loads(json.dumps(marker))):
             t0 = time.perf_counter()
-            model = build_model(arch, in_channels=1, num_classes=10, width=s.width)
+            model = build_model(arch, in_channels=1, num_classes=10, width=s.width, seed=tc.seed)
             train(model, subset, te, run_dir, tc, progress=False)
             write_json(mpath, marker)
             log.info("trained %s (lr %g) in %.0f s", name, lr, time.perf_counter() - t0)
@@ -359,7 +359,7 @@ def alignment_runs(ws: Workspace, s: Settings, root: Path, device: str, quick: b
         d = sroot / "runs" / name
         if not (d / "checkpoints.json").exists():
             tc = TrainConfig(epochs=1 if quick else 3, lr=0.05, seed=s.seed, first_epoch_checkpoints=4, device=device)
-            train(build_model(arch, in_channels=3, num_classes=10, width=s.width), tr, te, d, tc, progress=False)
+            train(build_model(arch, in_channels=3, num_classes=10, width=s.width, seed=tc.seed), tr, te, d, tc, progress=False)
         run_dirs[name] = d
     ss = dataclasses.replace(s, pool=min(3000, n))
     sws = build_space_generic(ss, data, run_dirs, {"vgg": "vgg_like", "resnet": "resnet_like"}, sroot, device, in_ch=3)

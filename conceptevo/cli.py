@@ -53,7 +53,8 @@ def cmd_train(args) -> int:
         if arch != "vgg_like":
             raise ConceptEvoError("--no-dropout applies to the vgg_like architecture only")
         arch = "vgg_like_nodropout"
-    model = build_model(arch, in_channels=int(train_set[0][0].shape[0]), num_classes=len(train_set.classes), width=args.width)
+    model = build_model(arch, in_channels=int(train_set[0][0].shape[0]), num_classes=len(train_set.classes), width=args.width,
+                        seed=args.seed)
     tc = TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
                      every_steps=args.every_steps, first_epoch_checkpoints=args.first_epoch_checkpoints,
                      train_images=args.train_images, device=args.device)

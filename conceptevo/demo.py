@@ -71,7 +71,7 @@ def run_demo(out="demo-out", quick: bool = False, device: str = "cpu", data_dir:
         wanted = {"config": dataclasses.asdict(tc), "arch": arch, "data": dataclasses.asdict(data)}
         marker = run_dir / "demo-run.json"
         if not (marker.exists() and read_json(marker) == json.loads(json.dumps(wanted))):
-            model = build_model(arch, in_channels=in_ch, num_classes=len(train_set.classes), width=settings.width)
+            model = build_model(arch, in_channels=in_ch, num_classes=len(train_set.classes), width=settings.width, seed=tc.seed)
             log.info("training %s (%s)", name, arch)
             train(model, train_set, test_set, run_dir, tc, progress=progress)
             from .io import write_json

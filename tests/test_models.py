@@ -20,6 +20,27 @@ def test_builtin_architectures(arch, size):
     assert len(resolve_layers(m)) >= 7
 
 
+def test_seeded_build_is_the_same_in_every_process():
+    """torch seeds its global generator differently in each process, so training runs (demo, `conceptevo
+    train`) build their models with a seed: same weights in every process, global random state untouched."""
+    import subprocess
+    import sys
+
+    code = ("import torch; from conceptevo import build_model; "
+            "m = build_model('resnet_like', width=4, seed=3); "
+            "print(float(sum(p.double().abs().sum() for p in m.parameters() if p.requires_grad).detach()))")
+    runs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout for _ in range(2)}
+    assert len(runs) == 1, runs
+    torch.manual_seed(11)
+    before = torch.get_rng_state()
+    a = build_model("vgg_like", width=4, seed=3)
+    assert torch.equal(torch.get_rng_state(), before)
+    b = build_model("vgg_like", width=4, seed=3)
+    c = build_model("vgg_like", width=4, seed=4)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert not torch.equal(a.state_dict()["features.0.weight"], c.state_dict()["features.0.weight"])
+
+
 def test_unknown_architecture_suggests():
     with pytest.raises(ConceptEvoError, match="vgg_like"):
         build_model("vgg_lik")

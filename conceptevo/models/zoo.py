@@ -104,8 +104,22 @@ ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
 }
 
 
-def build_model(arch: str, in_channels: int = 1, num_classes: int = 10, **options) -> nn.Module:
-    """Build a model by name: a built-in architecture, ``tv:NAME`` (torchvision), or ``module:function``."""
+def build_model(arch: str, in_channels: int = 1, num_classes: int = 10, seed: int | None = None, **options) -> nn.Module:
+    """Build a model by name: a built-in architecture, ``tv:NAME`` (torchvision), or ``module:function``.
+
+    With ``seed``, the initial weights are the same on every run (drawn from a
+    generator seeded for this call; the global random state is left as it
+    was). Without it they come from torch's global generator, which recent
+    torch seeds differently in every process.
+    """
+    if seed is None:
+        return _build(arch, in_channels, num_classes, **options)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return _build(arch, in_channels, num_classes, **options)
+
+
+def _build(arch: str, in_channels: int, num_classes: int, **options) -> nn.Module:
     if arch in ARCHITECTURES:
         return ARCHITECTURES[arch](in_channels=in_channels, num_classes=num_classes, **options)
     if arch.startswith("tv:") or arch.startswith("torchvision:"):
