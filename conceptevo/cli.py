@@ -101,11 +101,7 @@ def cmd_evaluate_importance(args) -> int:
                          images=args.images, seed=args.seed, device=args.device, progress=not args.no_progress)
     if not ddp.is_main():
         return 0
-    print(r["markdown"].read_text())
-    for stage, c in r["claims"].items():
-        for split, v in c.items():
-            print(f"{stage} {split} top-1: more important bin -> larger drop: {'yes' if v['monotonic'] else 'no'}; "
-                  f"random between 25-50 and 50-75: {'yes' if v['random_between'] else 'no'}")
+    print(r["markdown"].read_text())  # the table, then one verdict per stage, split and claim
     print(f"table: {r['markdown']}  {r['csv']}\nchart: {r['png']}")
     return 0
 

@@ -1,6 +1,7 @@
 """The whole pipeline end to end on generated data, reruns that reuse finished stages, and the demo."""
 import dataclasses
 import json
+import re
 
 import numpy as np
 import pytest
@@ -111,7 +112,7 @@ def test_demo_quick_end_to_end(tmp_path):
     assert (tmp_path / "demo" / "study.toml").exists()
 
 
-def test_importance_and_evaluation_commands(study):
+def test_importance_and_evaluation_commands(study, capsys):
     from conceptevo.cli import main
 
     ws, _ = study
@@ -125,6 +126,9 @@ def test_importance_and_evaluation_commands(study):
                  "--repeats", "2", "--images", "16", "--no-progress"]) == 0
     ev = ws.path / "evaluation" / "res"
     assert "0-25" in (ev / "table.md").read_text() and (ev / "bars.png").exists()
+    out = capsys.readouterr().out  # a verdict per split and claim: yes, no or cannot tell (with its reason)
+    assert len(re.findall(r"e0.5 -> e1 (train|test) top-1: more important bin -> larger drop: (yes|no|cannot tell): ", out)) == 2
+    assert len(re.findall(r"random between 25-50 and 50-75: (yes|no|cannot tell): ", out)) == 2
     assert "evaluation/res" in Workspace(ws.path).manifest["stages"]
     # bad input: the same checkpoint twice, an unknown class
     assert main(["importance", str(ws.path), "--model", "vgg", "--from", "e1", "--to", "e1", "--class", "2"]) == 2

@@ -180,7 +180,8 @@ def evaluate_command(workspace, model: str, stages: str = "auto", classes="all",
         results.append(res)
     out = ws.path / "evaluation" / model
     md, csv, png = out / "table.md", out / "table.csv", out / "bars.png"
-    claims = {f"{r.stage[0]}->{r.stage[1]}": {s: r.check_claim(split=s) for s in ("train", "test")} for r in results}
+    claims = {f"{r.stage[0]}->{r.stage[1]}": {s: {k: v.to_dict() for k, v in r.check_claim(split=s).items()}
+                                              for s in ("train", "test")} for r in results}
 
     def write():
         write_reversion_markdown(md, results)

@@ -60,7 +60,9 @@ from ._common import (
     run_model,
     sample_positions,
 )
+from . import verdicts
 from .scores import evolution_importance
+from .verdicts import Verdict
 
 log = logging.getLogger(__name__)
 
@@ -422,7 +424,9 @@ def evaluate_reversion(model_from: nn.Module, model_to: nn.Module, train_dataset
     dev = check_device(model_from, device, "model_from")
     check_device(model_to, device, "model_to")
     train_dataset = indexed(train_dataset)
-    train_pos_all = check_class(train_dataset, class_index, labels_of(train_dataset))
+    train_labels = labels_of(train_dataset)
+    train_pos_all = check_class(train_dataset, class_index, train_labels)
+    num_classes = len(getattr(train_dataset, "classes", None) or []) or int(train_labels.max()) + 1  # for chance level
     test_pos_all = None
     if test_dataset is not None:
         test_dataset = indexed(test_dataset)
@@ -455,7 +459,7 @@ def evaluate_reversion(model_from: nn.Module, model_to: nn.Module, train_dataset
     return ReversionResult([class_index], list(names), labels, changes, clean, counts,
                            stage=tuple(stage) if stage else None,
                            config=dict(num_images=num_images, num_test_images=num_test_images, repeats=repeats,
-                                       seed=seed, bins=bins))
+                                       seed=seed, bins=bins, num_classes=num_classes))
 
 
 # ---------------------------------------------------------------- results
@@ -523,18 +527,43 @@ class ReversionResult:
     def plot_bars(self, path, split: str | None = None, metric: str | None = None) -> Path:
         return plot_reversion_bars(path, [self], split=split, metric=metric)
 
-    def check_claim(self, split: str = "train", metric: str = "top1") -> dict[str, bool]:
-        """Does "the more important the bin, the larger the drop; random between 25-50 and 50-75" hold?
+    def chance(self, metric: str = "top1") -> float | None:
+        """The metric's chance level (k / classes for top-k), or None when the number of classes was not recorded."""
+        c = self.config.get("num_classes")
+        return min(1.0, (1 if metric == "top1" else 5) / c) if c else None
 
-        ``monotonic``: mean changes increase (drops shrink) from the most to
-        the least important bin. ``random_between``: the random bin's mean lies
-        between the second and third bins' (needs at least 3 bins).
+    def check_claim(self, split: str = "train", metric: str = "top1", confidence: float = 0.95) -> dict[str, Verdict]:
+        """Do "the more important the bin, the larger the drop" and "random between the middle bins" hold?
+
+        Each answer is a :class:`~conceptevo.importance.verdicts.Verdict`:
+        "yes", "no" or "cannot tell", computed from the per-run changes and
+        their spread over repeats and classes (see
+        :mod:`conceptevo.importance.verdicts`), with a reason holding the
+        numbers. ``monotonic``: reverting a more important bin lowers
+        accuracy more (and the most important bin lowers it).
+        ``random_between``: the random bin's change lies between the two
+        middle bins' (25-50 and 50-75 of 4). ``holds``: both.
         """
-        mean = self.summary()["mean"][SPLITS.index(split), METRICS.index(metric)]
-        b = mean[:-1]
-        monotonic = bool(np.all(np.diff(b) >= 0))
-        between = bool(len(b) >= 3 and min(b[1], b[2]) <= mean[-1] <= max(b[1], b[2]))
-        return {"monotonic": monotonic, "random_between": between, "holds": monotonic and between}
+        s, m = SPLITS.index(split), METRICS.index(metric)
+        runs = self.changes[:, :, s, m].mean(axis=2)  # [classes, repeats, variants]: mean over layers
+        pre = verdicts.precheck(runs, self.clean[:, :, s, m], self.num_images[:, :, s], self.chance(metric))
+        if pre is not None:
+            return {"monotonic": pre, "random_between": pre, "holds": pre}
+        labels = list(self.bins[:-1])
+        mono = verdicts.monotonic(runs, labels, confidence)
+        between = verdicts.random_between(runs, labels, confidence)
+        return {"monotonic": mono, "random_between": between, "holds": verdicts.both(mono, between)}
+
+    def verdict_lines(self, metric: str = "top1") -> list[str]:
+        """One line per split and claim, as the CLI prints them and the Markdown table ends."""
+        a, b = verdicts.middle_bins(len(self.bins) - 1)
+        lines = []
+        for split in SPLITS:
+            v = self.check_claim(split=split, metric=metric)
+            where = f"{self.stage_label() + ' ' if self.stage else ''}{split} {metric.replace('top', 'top-')}"
+            lines.append(f"{where}: more important bin -> larger drop: {v['monotonic']}")
+            lines.append(f"{where}: random between {self.bins[a]} and {self.bins[b]}: {v['random_between']}")
+        return lines
 
     # -- persistence
     def save(self, path) -> Path:
@@ -628,6 +657,10 @@ def reversion_markdown(results) -> str:
     lines.append("")
     lines.append(f"Accuracy change (reverted minus clean), mean over layers and {len(res.class_indices)} class(es), "
                  f"± std over {res.repeats} repeats. Bins are percentiles of the importance ranking (0-25 = most important).")
+    lines.append("")
+    lines.append("Verdicts (top-1; from the per-run changes and their spread over repeats and classes, 95% confidence):")
+    lines.append("")
+    lines += [f"- {line}" for r in results for line in r.verdict_lines()]
     return "\n".join(lines) + "\n"
 
 
