@@ -35,14 +35,23 @@ class ModelConfig:
     arch: str                       # built-in name, tv:NAME, or package.module:function
     checkpoints: Any                # a folder, or a list of files
     options: dict = field(default_factory=dict)
+    prefix: str | None = None       # key prefix to strip from the checkpoints' keys ("model."); default: found
+    key: str | None = None          # the checkpoint entry holding the state_dict ("state_dict"); default: found
+    import_path: list | None = None  # folders searched first for package.module:function; default: the config's folder
 
     def validate(self):
         if not self.name or any(c in self.name for c in "/\\:\x00") or self.name in (".", ".."):
             raise ConceptEvoError(f"model name {self.name!r} must be a plain name (letters, digits, '-', '_')")
+        if self.import_path is not None and not all(isinstance(f, str) and f for f in self.import_path):
+            raise ConceptEvoError(f"model {self.name!r}: import_path must be a list of folders, got {self.import_path!r}")
         cks = self.checkpoints
         if not (isinstance(cks, str) and cks) and not (
                 isinstance(cks, (list, tuple)) and cks and all(isinstance(c, str) and c for c in cks)):
             raise ConceptEvoError(f"model {self.name!r}: checkpoints must be a folder or a non-empty list of files, got {cks!r}")
+
+    def loading(self) -> dict:
+        """How to build the model and read its checkpoints beyond arch and options (recorded in the workspace)."""
+        return {k: v for k, v in (("prefix", self.prefix), ("key", self.key), ("import_path", self.import_path)) if v is not None}
 
 
 @dataclass(frozen=True)
@@ -169,8 +178,17 @@ class StudyConfig:
         out = str((root / out).resolve()) if not Path(out).is_absolute() else out
         if data.path and not Path(data.path).is_absolute():
             data = dataclasses.replace(data, path=str((root / data.path).resolve()))
-        models = [dataclasses.replace(m, checkpoints=_resolve_paths(m.checkpoints, root)) for m in models]
+        models = [dataclasses.replace(m, checkpoints=_resolve_paths(m.checkpoints, root),
+                                      import_path=_import_path(m, root)) for m in models]
         return dataclasses.replace(config, out=out, data=data, models=models)
+
+
+def _import_path(m: ModelConfig, root: Path) -> list | None:
+    """A model factory (package.module:function) is imported from the config file's folder first, as a script would be."""
+    if m.import_path is not None:
+        return _resolve_paths(list(m.import_path), root)
+    own = ":" in m.arch and not m.arch.startswith(("tv:", "torchvision:"))
+    return [str(root)] if own else None
 
 
 def _resolve_paths(value, root: Path):

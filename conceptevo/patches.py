@@ -514,7 +514,7 @@ def compute_patches(ws, models: Sequence[str] | None = None, cell: int | None = 
     """
     from tqdm.auto import tqdm
 
-    from .pipeline import load_model
+    from .pipeline import build_for_dataset, load_model
 
     if cell is not None and (isinstance(cell, bool) or not isinstance(cell, int) or not 4 <= cell <= 256):
         raise ConceptEvoError(f"cell (the patch size in pixels) must be an integer in 4..256, got {cell!r}")
@@ -544,10 +544,10 @@ def compute_patches(ws, models: Sequence[str] | None = None, cell: int | None = 
             rfs = {d["layer"]: ReceptiveField.from_dict(d) for d in read_json(rf_path)["layers"]}
         else:
             try:
-                net = load_model(info["arch"], info.get("options", {}), first["path"], dataset, trust=trust)
+                net = load_model(info["arch"], info.get("options", {}), first["path"], dataset, trust=trust, **info.get("load", {}))
             except CheckpointError as e:  # receptive fields do not depend on the weights
                 log.info("building %s without weights for its receptive fields (%s)", m, e)
-                net = _build_unweighted(info["arch"], info.get("options", {}), dataset)
+                net = build_for_dataset(info["arch"], info.get("options", {}), dataset, info.get("load", {}).get("import_path")).eval()
             rfs = receptive_fields(net, stim_layers, shape)
             write_json(rf_path, {"key": rf_key, "model": m, "arch": info["arch"], "input_shape": list(shape),
                                  "layers": [rf.to_dict() for rf in rfs.values()]})
@@ -629,15 +629,6 @@ def compute_patches(ws, models: Sequence[str] | None = None, cell: int | None = 
         ws.finish(name, key, {"cell": cell}, neurons=int(N))
         written.append(name)
     return written
-
-
-def _build_unweighted(arch: str, options: dict, dataset):
-    from .models import build_model
-
-    opts = dict(options)
-    opts.setdefault("in_channels", int(dataset[0][0].shape[0]))
-    opts.setdefault("num_classes", max(len(getattr(dataset, "classes", []) or []), int(np.max(dataset.targets)) + 1))
-    return build_model(arch, **opts).eval()
 
 
 class PatchStore:

@@ -18,7 +18,7 @@ from .config import DataConfig, StudyConfig
 from .data import open_dataset, sample_pool
 from .errors import ConceptEvoError, check_device, suggest
 from .io import hash_json, load_npy, save_npy
-from .models import build_model, list_checkpoints, load_checkpoint
+from .models import build_model, list_checkpoints, load_checkpoint, validate_checkpoints
 from .models.checkpoints import checkpoint_hash
 from .stimuli import Stimuli, find_stimuli, top_responses
 from .workspace import Workspace, WorkspaceLock
@@ -39,14 +39,24 @@ def study_pool(data: DataConfig):
     return sample_pool(open_study_dataset(data, "train"), data.pool, seed=data.seed)
 
 
-def load_model(arch: str, options: dict, checkpoint_path, dataset, trust: bool = False) -> torch.nn.Module:
-    """Build ``arch`` for ``dataset``'s image channels and classes, and load a checkpoint into it."""
+def load_model(arch: str, options: dict, checkpoint_path, dataset, trust: bool = False, prefix: str | None = None,
+               key: str | None = None, import_path=None) -> torch.nn.Module:
+    """Build ``arch`` for ``dataset``'s image channels and classes, and load a checkpoint into it.
+
+    ``prefix``, ``key``, ``import_path``: a model's ``loading`` settings (see
+    :class:`~conceptevo.config.ModelConfig`; the workspace records them as ``models[NAME]["load"]``).
+    """
+    model = build_for_dataset(arch, options, dataset, import_path=import_path)
+    load_checkpoint(checkpoint_path, model, trust=trust, prefix=prefix, key=key)
+    return model.eval()
+
+
+def build_for_dataset(arch: str, options: dict, dataset, import_path=None) -> torch.nn.Module:
+    """``arch`` built for ``dataset``'s image channels and classes (unless ``options`` set them), untrained."""
     opts = dict(options)
     opts.setdefault("in_channels", int(dataset[0][0].shape[0]))
     opts.setdefault("num_classes", max(len(getattr(dataset, "classes", []) or []), int(np.max(dataset.targets)) + 1))
-    model = build_model(arch, **opts)
-    load_checkpoint(checkpoint_path, model, trust=trust)
-    return model.eval()
+    return build_model(arch, import_path=import_path, **opts)
 
 
 class _Timer:
@@ -93,8 +103,11 @@ def run_study(config: StudyConfig, progress: bool = True, trust: bool = False) -
         raise
 
 
-def _plan(ws: Workspace, config: StudyConfig):
-    """Record the study's checkpoints and base in the manifest; list the stimuli passes to run."""
+def _plan(ws: Workspace, config: StudyConfig, trust: bool = False):
+    """Record the study's checkpoints and base in the manifest; list the stimuli passes to run.
+
+    Every checkpoint is read and checked against its architecture here, before any heavy pass.
+    """
     ws.set_config(config.to_dict())
     pool = study_pool(config.data)
     data_key = pool.fingerprint()
@@ -103,11 +116,14 @@ def _plan(ws: Workspace, config: StudyConfig):
     models: dict[str, dict] = {}
     for m in config.models:
         rows = []
-        for c in list_checkpoints(m.checkpoints):
+        cks = list_checkpoints(m.checkpoints)
+        validate_checkpoints([c.path for c in cks], lambda m=m: build_for_dataset(m.arch, m.options, pool, m.import_path),
+                             trust=trust, prefix=m.prefix, key=m.key, name=f"model {m.name!r}")
+        for c in cks:
             d = c.to_dict()
             d["sha256"] = checkpoint_hash(c.path)
             rows.append(d)
-        models[m.name] = {"arch": m.arch, "options": m.options, "checkpoints": rows}
+        models[m.name] = {"arch": m.arch, "options": m.options, "checkpoints": rows, "load": m.loading()}
     base_model = config.base_model
     base_tags = [r["tag"] for r in models[base_model]["checkpoints"]]
     base_tag = base_tags[-1] if config.base.checkpoint == "last" else config.base.checkpoint
@@ -128,7 +144,7 @@ def _plan(ws: Workspace, config: StudyConfig):
             key = hash_json([data_key, row["sha256"], m.arch, m.options, params])
             todo = not ws.is_done(f"stimuli/{m.name}/{row['tag']}", key)
             passes.append({"model": m.name, "arch": m.arch, "options": m.options, "tag": row["tag"],
-                           "path": row["path"], "key": key, "todo": todo})
+                           "path": row["path"], "key": key, "todo": todo, "load": m.loading()})
     return pool, num_images, models, (base_model, base_tag), passes
 
 
@@ -142,7 +158,7 @@ def _stimuli_stage(ws: Workspace | None, config: StudyConfig, passes: list[dict]
         if not p["todo"]:
             continue
         with _Timer(f"stimuli {p['model']} {p['tag']}"):
-            model = load_model(p["arch"], p["options"], p["path"], pool, trust=trust).to(sp.device)
+            model = load_model(p["arch"], p["options"], p["path"], pool, trust=trust, **p.get("load", {})).to(sp.device)
             stim = find_stimuli(model, pool, k=sp.k, layers=sp.layers, batch_size=sp.batch_size, device=sp.device,
                                 progress=progress, num_images=num_images, desc=f"stimuli {p['model']} {p['tag']}")
         if ws is not None:
@@ -151,7 +167,7 @@ def _stimuli_stage(ws: Workspace | None, config: StudyConfig, passes: list[dict]
 
 
 def _run(ws: Workspace, config: StudyConfig, progress: bool, trust: bool) -> Workspace:
-    pool, num_images, models, (base_model, base_tag), passes = _plan(ws, config)
+    pool, num_images, models, (base_model, base_tag), passes = _plan(ws, config, trust)
     sp = config.stimuli
     # 1. stimuli of every checkpoint
     ddp.broadcast_object(passes)
@@ -180,7 +196,7 @@ def _run(ws: Workspace, config: StudyConfig, progress: bool, trust: bool) -> Wor
     if not ws.is_done("embedding/responses", resp_key):
         row = next(r for r in models[base_model]["checkpoints"] if r["tag"] == base_tag)
         mc = next(m for m in config.models if m.name == base_model)
-        model = load_model(mc.arch, mc.options, row["path"], pool, trust=trust).to(sp.device)
+        model = load_model(mc.arch, mc.options, row["path"], pool, trust=trust, **mc.loading()).to(sp.device)
         resp = top_responses(model, pool, base_stim, top=ip.top_responses, batch_size=sp.batch_size,
                              device=sp.device, progress=progress, num_images=num_images)
         save_npy(resp_path, resp)

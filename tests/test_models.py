@@ -126,3 +126,110 @@ def test_train_saves_checkpoints_with_accuracy(tmp_path):
     load_checkpoint(listed[0].path, build_model("vgg_like", num_classes=2, width=4))
     with pytest.raises(ConceptEvoError, match="lr"):
         TrainConfig(lr=0).validate()
+
+
+# ---------------------------------------------------------------- your own model: package.module:function
+FACTORIES = '''
+import torch
+from torch import nn
+
+class Gray(nn.Module):                      # a class without in_channels: 1-channel input fixed
+    def __init__(self, num_classes=10, width=4):
+        super().__init__()
+        self.conv = nn.Conv2d(1, width, 3)
+        self.fc = nn.Linear(width, num_classes)
+    def forward(self, x):
+        return self.fc(self.conv(x).mean((2, 3)))
+
+def anything(**kwargs):                     # takes every argument
+    seen.update(kwargs)
+    return Gray(kwargs["num_classes"], kwargs.get("width", 4))
+
+def needs_depth(depth, num_classes=10):
+    return Gray(num_classes)
+
+def not_a_model(num_classes=10):
+    return "a string"
+
+class Factories:
+    @staticmethod
+    def small(num_classes=10):
+        return Gray(num_classes, 2)
+
+seen = {}
+instance = Gray()
+'''
+
+
+@pytest.fixture
+def factories(tmp_path):
+    name = f"userfactories_{tmp_path.name.replace('-', '_')}"
+    (tmp_path / f"{name}.py").write_text(FACTORIES)
+    yield name, str(tmp_path)
+    import sys
+
+    sys.modules.pop(name, None)
+
+
+def test_factory_gets_only_the_arguments_it_takes(factories):
+    import sys
+
+    name, folder = factories
+    m = build_model(f"{name}:Gray", in_channels=1, num_classes=3, import_path=[folder], width=5)
+    assert type(m).__name__ == "Gray" and m.fc.out_features == 3 and m.conv.out_channels == 5
+    assert folder not in sys.path  # searched during the import only
+    build_model(f"{name}:anything", in_channels=1, num_classes=4, import_path=folder, extra=7)
+    assert sys.modules[name].seen == {"in_channels": 1, "num_classes": 4, "extra": 7}
+    assert build_model(f"{name}:Factories.small", num_classes=2, import_path=[folder]).conv.out_channels == 2
+
+
+def test_factory_errors_name_the_problem(factories, tmp_path):
+    name, folder = factories
+    cases = {
+        f"{name}:Gray": ("takes no option 'depth'; its parameters are num_classes, width", {"depth": 3}),
+        f"{name}:needs_depth": ("needs 'depth', which conceptevo cannot supply; give it in options", {}),
+        f"{name}:not_a_model": ("returned a str, not a torch.nn.Module", {}),
+        f"{name}:instance": ("is a model instance, not a function or class", {}),
+        f"{name}:seen": ("is a dict, not a function or class", {}),
+        f"{name}:Grey": ("has no 'Grey'. Did you mean 'Gray'", {}),
+        f"{name}.py:Gray": (f"give the module's import name, not a file, e.g. '{name}:Gray'", {}),
+        "nosuchmodule_xyz:Net": (f"no module 'nosuchmodule_xyz' in {folder} (searched first) and the Python path; "
+                                 f"put nosuchmodule_xyz.py in {folder}, set import_path", {}),
+    }
+    for arch, (message, options) in cases.items():
+        with pytest.raises(ConceptEvoError) as e:
+            build_model(arch, import_path=[folder], **options)
+        assert message in str(e.value) and "\n" not in str(e.value), (arch, str(e.value))
+    (tmp_path / "broken_dep_mod.py").write_text("import not_installed_pkg_xyz\n")
+    with pytest.raises(ConceptEvoError, match="it imports 'not_installed_pkg_xyz', which is not installed"):
+        build_model("broken_dep_mod:Net", import_path=[folder])
+
+
+def test_config_folder_is_searched_for_the_model_module(tmp_path):
+    from conceptevo.config import load_config
+
+    (tmp_path / "src").mkdir()
+    (tmp_path / "c.toml").write_text(
+        '[study]\nout = "s"\n'
+        '[[models]]\nname = "a"\narch = "mynet:Net"\ncheckpoints = "ck"\nprefix = "model."\nkey = "state_dict"\n'
+        '[[models]]\nname = "b"\narch = "vgg_like"\ncheckpoints = "ck"\n'
+        '[[models]]\nname = "c"\narch = "mynet:Net"\ncheckpoints = "ck"\nimport_path = ["src", "/abs"]\n')
+    a, b, c = load_config(tmp_path / "c.toml").models
+    assert a.import_path == [str(tmp_path)] and b.import_path is None and c.import_path == [str(tmp_path / "src"), "/abs"]
+    assert a.loading() == {"prefix": "model.", "key": "state_dict", "import_path": [str(tmp_path)]} and b.loading() == {}
+    (tmp_path / "c.toml").write_text('[study]\nout = "s"\n[[models]]\nname = "a"\narch = "m:f"\ncheckpoints = "ck"\nprefix = 1\n')
+    with pytest.raises(ConceptEvoError, match="prefix must be a string"):
+        load_config(tmp_path / "c.toml")
+
+
+def test_safetensors_suffix_in_any_case_and_tar(tmp_path):
+    pytest.importorskip("safetensors")
+    from safetensors.torch import save_file
+
+    src = build_model("resnet_like", width=4, seed=1)
+    save_file(src.state_dict(), str(tmp_path / "A.SafeTensors"))
+    torch.save({"model_state_dict": src.state_dict(), "epoch": 2}, tmp_path / "checkpoint.pth.tar")
+    assert [(c.tag, c.epoch) for c in list_checkpoints(tmp_path)] == [("A", None), ("checkpoint", None)]
+    for c in list_checkpoints(tmp_path):
+        dst = load_checkpoint(c.path, build_model("resnet_like", width=4))
+        assert all(torch.equal(v, src.state_dict()[k]) for k, v in dst.state_dict().items())

@@ -219,7 +219,7 @@ def _layer_views(ws, n_images: int, seed: int, device: str, trust: bool) -> list
             if not Path(ck.path).exists():
                 raise ConceptEvoError(f"checkpoint file {ck.path} is missing; CKA needs the checkpoints")
             info = models[m]
-            model = load_model(info["arch"], info.get("options", {}), ck.path, full, trust=trust).to(device)
+            model = load_model(info["arch"], info.get("options", {}), ck.path, full, trust=trust, **info.get("load", {})).to(device)
             layers = [i.name for i in ws.stimuli(m, t).layers]
             resp_cache[(m, t)] = layer_responses(model, probe, layers=layers, device=device)
         return resp_cache[(m, t)]

@@ -36,7 +36,7 @@ def _model(ws: Workspace, name: str, tag: str, dataset, device: str, trust: bool
         raise ConceptEvoError(f"{name} has no checkpoint {tag!r}.{suggest(tag, tags)} Checkpoints: {', '.join(tags)}")
     ck = next(c for c in ws.checkpoints(name) if c.tag == tag)
     info = ws.manifest["models"][name]
-    return load_model(info["arch"], info.get("options", {}), ck.path, dataset, trust=trust).to(device)
+    return load_model(info["arch"], info.get("options", {}), ck.path, dataset, trust=trust, **info.get("load", {})).to(device)
 
 
 def _layers(ws: Workspace):

@@ -5,6 +5,14 @@ All loading goes through :func:`load_checkpoint`, which uses
 to unpickle is refused unless the caller opts in with ``trust=True``
 (``--trust-checkpoint`` on the command line). ``.safetensors`` files are read
 with the safetensors package when it is installed.
+
+The weights are found in the layouts people save: a bare state_dict, the
+PyTorch tutorial's dict (``model_state_dict``, as ``.pt`` or ``.tar``),
+Lightning's ``.ckpt`` (``state_dict``, keys under the LightningModule's
+attribute, ``model.conv1.weight``), DataParallel's ``module.`` prefix; a
+prefix that makes the keys fit the architecture is stripped (and logged).
+:func:`validate_checkpoints` checks every checkpoint of a model before a
+study's heavy passes.
 """
 from __future__ import annotations
 
@@ -22,9 +30,10 @@ from ..io import atomic_path, file_sha256, read_json, write_json
 
 log = logging.getLogger(__name__)
 
-STATE_KEYS = ("state_dict", "model_state_dict", "model")
+STATE_KEYS = ("state_dict", "model_state_dict", "model_state", "model", "net", "network")
 INDEX_FILE = "checkpoints.json"
-EXTENSIONS = (".pt", ".pth", ".ckpt", ".bin", ".safetensors")
+# ".tar": the PyTorch tutorial saves its checkpoint dict as "checkpoint.pth.tar"
+EXTENSIONS = (".pt", ".pth", ".ckpt", ".bin", ".tar", ".safetensors")
 
 
 @dataclass
@@ -53,7 +62,7 @@ def epoch_tag(epoch: float) -> str:
 def _read_state(path: Path, trust: bool):
     if not path.exists():
         raise CheckpointError(f"checkpoint {path} does not exist; check the path")
-    if path.suffix == ".safetensors":
+    if path.suffix.lower() == ".safetensors":
         try:
             from safetensors.torch import load_file
         except ImportError:
@@ -75,32 +84,201 @@ def _read_state(path: Path, trust: bool):
         raise CheckpointError(f"checkpoint {path} is corrupt or truncated ({str(e).splitlines()[0][:160]}); re-save it") from None
 
 
-def extract_state_dict(obj, path="checkpoint") -> dict:
-    """The state_dict inside the layouts people save: bare, or under state_dict/model_state_dict/model."""
+def extract_state_dict(obj, path="checkpoint", key: str | None = None) -> dict:
+    """The state_dict inside the layouts people save.
+
+    Bare (a dict of tensors), or under one of ``STATE_KEYS`` (``state_dict``:
+    Lightning and conceptevo; ``model_state_dict``: the PyTorch tutorial's
+    dict; ...). ``key`` names the entry explicitly (``"a/b"`` for a nested one).
+    """
     if isinstance(obj, nn.Module):
         return obj.state_dict()
+    if key is not None:
+        inner = obj
+        for part in str(key).split("/"):
+            if not isinstance(inner, dict) or part not in inner:
+                have = ", ".join(repr(k) for k in list(inner)[:8]) if isinstance(inner, dict) else type(inner).__name__
+                raise CheckpointError(f"{path} has no entry {key!r} (key option); its entries are: {have}")
+            inner = inner[part]
+        if isinstance(inner, nn.Module):
+            return inner.state_dict()
+        if isinstance(inner, dict) and inner and all(isinstance(v, torch.Tensor) for v in inner.values()):
+            return inner
+        raise CheckpointError(f"entry {key!r} of {path} is not a dict of tensors (a state_dict); give the entry that holds the weights")
     if isinstance(obj, dict):
-        for key in STATE_KEYS:
-            inner = obj.get(key)
-            if isinstance(inner, dict):
+        for k in STATE_KEYS:
+            inner = obj.get(k)
+            if isinstance(inner, dict) and inner:
                 return inner
             if isinstance(inner, nn.Module):
                 return inner.state_dict()
         if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
             return obj
+        entries = ", ".join(repr(k) for k in list(obj)[:8]) + (", ..." if len(obj) > 8 else "")
+        raise CheckpointError(
+            f"{path} holds no state_dict under {', '.join(repr(k) for k in STATE_KEYS)}; its entries are {entries}: "
+            "name the one that holds the weights with key = '...' in [[models]] (key= in the API)"
+        )
+    raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a state_dict (a dict of tensors); save model.state_dict()")
+
+
+_SAID: set = set()
+
+
+def _say_once(what, message: str, *args) -> None:
+    """Log ``message`` at INFO the first time for ``what``, at DEBUG after (a folder of checkpoints says it once)."""
+    level = logging.DEBUG if what in _SAID else logging.INFO
+    _SAID.add(what)
+    log.log(level, message, *args)
+
+
+def _optional(name: str) -> bool:
+    # BatchNorm fills in a missing counter itself (checkpoints from before torch 0.4.1 have none)
+    return name.endswith("num_batches_tracked")
+
+
+def _prefix_candidates(keys, wanted: set) -> dict[str, int]:
+    """Prefixes (``"model."``) whose removal turns checkpoint keys into the model's, with how many keys each turns."""
+    counts: dict[str, int] = {}
+    for k in keys:
+        parts = k.split(".")
+        for i in range(1, len(parts)):
+            if ".".join(parts[i:]) in wanted:
+                p = ".".join(parts[:i]) + "."
+                counts[p] = counts.get(p, 0) + 1
+    return counts
+
+
+def _strip(state: dict, prefix: str) -> dict:
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def _examples(names, n: int = 3) -> str:
+    names = list(names)
+    shown = ", ".join(names[:n])
+    return shown + (f" (+{len(names) - n} more)" if len(names) > n else "")
+
+
+def fit_state_dict(state: dict, model: nn.Module, prefix: str | None = None, path="checkpoint") -> tuple[dict, str]:
+    """``state`` with its keys made to fit ``model``'s, and the key prefix stripped for that ("" for none).
+
+    A LightningModule saves its network's weights under the attribute that
+    holds it (``model.conv1.weight`` for ``self.model``), DataParallel under
+    ``module.``. Without ``prefix``, a prefix whose removal gives every one of
+    the model's keys is found and stripped (and said, once, in the log);
+    entries outside it (a loss's buffers, a second copy of the network...) are
+    left out. Several such prefixes are an error asking for ``prefix``. When
+    no prefix gives every key, the one that gives the most (more than no
+    prefix does, and at least half of them or a prefix of at least half the
+    checkpoint's keys) is stripped, so that a mismatch is reported on the
+    network's own key names.
+    """
+    wanted = set(model.state_dict())
+    need = {k for k in wanted if not _optional(k)}
+    if prefix is not None:
+        prefix = str(prefix)
+        if prefix and not prefix.endswith("."):
+            prefix += "."
+        picked = _strip(state, prefix)
+        if not picked:
+            firsts = sorted({k.split(".")[0] + "." for k in state})
+            raise CheckpointError(f"no key of {path} starts with the prefix {prefix!r}; its keys start with "
+                                  f"{_examples(map(repr, firsts), 5)}: set prefix to one of those, or leave it out")
+        if len(picked) < len(state):
+            _say_once(("prefix", prefix), "checkpoint %s: took the %d entries under %r, left out %d others",
+                      path, len(picked), prefix, len(state) - len(picked))
+        return picked, prefix
+    if need <= set(state):
+        return state, ""
+    counts = _prefix_candidates(state, wanted)
+    fits = sorted(p for p in counts if need <= set(_strip(state, p)))
+    if len(fits) > 1:
+        raise CheckpointError(
+            f"the keys of {path} fit the architecture {type(model).__name__} under several prefixes ({', '.join(map(repr, fits))}); "
+            f"say which with prefix = {fits[0]!r} in [[models]] (prefix= in the API)"
+        )
+    if fits:
+        p = fits[0]
+        stripped = _strip(state, p)
+        left = len(state) - len(stripped)
+        _say_once(("prefix", p), "checkpoint %s: the weights are saved under the key prefix %r (a LightningModule attribute, "
+                  "or DataParallel's 'module.'); stripped it%s", path, p, f", left out {left} entries outside it" if left else "")
+        return stripped, p
+    direct = len(wanted & set(state))
+    best = max(sorted(counts), key=counts.get, default=None)
+    if best is not None and counts[best] > direct:
+        under = sum(k.startswith(best) for k in state)
+        if 2 * counts[best] >= len(wanted) or 2 * under >= len(state):
+            return _strip(state, best), best
+    return state, ""
+
+
+def _likely_cause(state: dict, model: nn.Module, missing, unexpected, shapes, stripped: str) -> str:
+    wanted = model.state_dict()
+    firsts = {k.split(".")[0] for k in state}
+    if not stripped and len(firsts) == 1 and len(state) > 1 and not any(k.startswith(next(iter(firsts)) + ".") for k in wanted):
+        p = next(iter(firsts)) + "."
+        return (f"every key of the checkpoint starts with {p!r} and none of the model's does: a wrapper's attribute "
+                f"(set prefix = {p!r}) or another architecture (check arch)")
+    if shapes and not missing and not unexpected:
+        a, b = shapes[0][1], shapes[0][2]
+        last = [n for n in wanted if n.endswith("weight") and wanted[n].dim() == 2][-1:]
+        first = [n for n in wanted if n.endswith("weight") and wanted[n].dim() >= 2][:1]
+        names = [s[0] for s in shapes]
+        head = last + [last[0][:-len("weight")] + "bias"] if last else []
+        if last and names in (last, head) and a[1:] == b[1:]:
+            return f"a different number of classes (checkpoint {a[0]}, model {b[0]}): give the classes the model was trained on"
+        if names == first and a[0] == b[0] and len(a) > 1:
+            return (f"a different number of input channels (checkpoint {a[1]}, model {b[1]}): the images must have "
+                    f"{a[1]} channel(s) (the dataset's channels option)")
+        return "the same layers with other sizes: build the model with the options it was trained with (width, ...) in options"
+    if unexpected and not missing:
+        return "the checkpoint has layers the architecture lacks (a deeper or different network): check arch and its options"
+    if missing and not unexpected:
+        return "the architecture has layers the checkpoint lacks (a shallower or different network): check arch and its options"
+    return "a different architecture: check arch and its options"
+
+
+def check_fit(state: dict, model: nn.Module, path="checkpoint", stripped: str = "") -> None:
+    """A one-line CheckpointError unless ``state`` has exactly ``model``'s keys and shapes.
+
+    It shows a few of the missing and of the unexpected keys and names the
+    likely cause (a prefix, other layer sizes, another architecture).
+    """
+    wanted = model.state_dict()
+    missing = sorted(k for k in wanted if k not in state and not _optional(k))
+    unexpected = sorted(k for k in state if k not in wanted)
+    shapes = [(k, list(state[k].shape), list(wanted[k].shape)) for k in wanted
+              if k in state and isinstance(state[k], torch.Tensor) and tuple(state[k].shape) != tuple(wanted[k].shape)]
+    if not (missing or unexpected or shapes):
+        return
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} of the model's keys missing ({_examples(missing)})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected keys ({_examples(unexpected)})")
+    if shapes:
+        parts.append(f"{len(shapes)} of other shape ({_examples(f'{k} {a} vs model {b}' for k, a, b in shapes)})")
+    after = f" (after stripping the key prefix {stripped!r})" if stripped else ""
     raise CheckpointError(
-        f"{path} holds no state_dict: expected a dict of tensors, or one under "
-        f"{', '.join(repr(k) for k in STATE_KEYS)}"
+        f"checkpoint {path} does not fit the architecture {type(model).__name__}{after}: {'; '.join(parts)}; "
+        f"likely cause: {_likely_cause(state, model, missing, unexpected, shapes, stripped)}"
     )
 
 
-def load_checkpoint(path, model: nn.Module, trust: bool = False, strict: bool = True) -> nn.Module:
-    """Load the weights saved at ``path`` into ``model`` (in place) and return it."""
+def load_checkpoint(path, model: nn.Module, trust: bool = False, strict: bool = True, prefix: str | None = None,
+                    key: str | None = None) -> nn.Module:
+    """Load the weights saved at ``path`` into ``model`` (in place) and return it.
+
+    ``key``: the checkpoint entry that holds the state_dict (found by itself
+    for the usual layouts). ``prefix``: the key prefix to strip
+    (``"model."``; found by itself when one prefix makes the keys fit).
+    """
     path = Path(path)
-    state = extract_state_dict(_read_state(path, trust), path)
-    # checkpoints saved from DataParallel / DDP wrap names in "module."
-    if state and all(k.startswith("module.") for k in state):
-        state = {k[len("module."):]: v for k, v in state.items()}
+    state = extract_state_dict(_read_state(path, trust), path, key=key)
+    state, stripped = fit_state_dict(state, model, prefix=prefix, path=path)
+    if strict:
+        check_fit(state, model, path, stripped)
     try:
         model.load_state_dict(state, strict=strict)
     except RuntimeError as e:
@@ -110,6 +288,30 @@ def load_checkpoint(path, model: nn.Module, trust: bool = False, strict: bool = 
             "build the model with the architecture and options it was trained with"
         ) from None
     return model
+
+
+def validate_checkpoints(paths, build, trust: bool = False, prefix: str | None = None, key: str | None = None,
+                         name: str = "model") -> None:
+    """Check that every checkpoint is readable and fits the architecture, before any heavy pass.
+
+    ``build`` makes the model (called once; a factory error shows here); each
+    checkpoint is loaded into it as :func:`load_checkpoint` would. Raises one
+    CheckpointError naming every checkpoint that fails, with the first one's
+    reason.
+    """
+    paths = [str(p) for p in paths]
+    model = build()
+    failed: list[tuple[str, CheckpointError]] = []
+    for p in paths:
+        try:
+            load_checkpoint(p, model, trust=trust, prefix=prefix, key=key)
+        except CheckpointError as e:
+            failed.append((p, e))
+    if failed:
+        others = f"; the others that fail: {_examples([Path(p).name for p, _ in failed[1:]], 5)}" if len(failed) > 1 else ""
+        raise CheckpointError(f"{len(failed)} of {len(paths)} checkpoints of {name} cannot be used (checked before any "
+                              f"heavy pass): {failed[0][1]}{others}")
+    log.info("%s: %d checkpoint(s) read, each fits %s", name, len(paths), type(model).__name__)
 
 
 def save_checkpoint(path, model: nn.Module, **meta) -> None:
@@ -122,15 +324,89 @@ def _natural_key(s: str):
     return [float(t) if re.fullmatch(r"\d+(\.\d+)?", t) else t for t in re.split(r"(\d+(?:\.\d+)?)", s)]
 
 
+def checkpoint_stem(path) -> str:
+    """The file name without its checkpoint suffixes: ``checkpoint.pth.tar`` -> ``checkpoint``."""
+    name = Path(path).name
+    for _ in range(2):
+        stem, suffix = name.rsplit(".", 1) if "." in name else (name, "")
+        if "." + suffix.lower() not in EXTENSIONS or not stem:
+            break
+        name = stem
+    return name
+
+
+_NUM = r"(\d+(?:\.\d+)?)"
+_EPOCH = re.compile(r"(?:^|[^a-z0-9])(?:epoch|ep|e)[=_\- ]?" + _NUM + r"(?![\d.])", re.IGNORECASE)
+_STEP = re.compile(r"(?:^|[^a-z0-9])(?:global_step|step|steps|iteration|iter|it|s)[=_\- ]?" + _NUM + r"(?![\d.])", re.IGNORECASE)
+
+
+def parse_position(stem: str) -> tuple[float | None, int | None]:
+    """The epoch and step a checkpoint's file name states, each None where it does not.
+
+    ``epoch=0-step=10`` (Lightning) -> (0, 10); ``model_e1`` -> (1, None);
+    ``e0.25`` (conceptevo) -> (0.25, None); ``s300``, ``iter_300`` -> (None,
+    300). A bare number (``ckpt_000100``) names no unit: (None, None), and the
+    number still orders the files. Values are as the name gives them
+    (Lightning's ``epoch=0`` is its first epoch, counted from 0).
+    """
+    e, s = _EPOCH.search(stem), _STEP.search(stem)
+    epoch = float(e.group(1)) if e else None
+    step = int(float(s.group(1))) if s and float(s.group(1)).is_integer() else None
+    if epoch is not None and epoch.is_integer():
+        epoch = int(epoch)
+    return epoch, step
+
+
+def _order(cks: list[Checkpoint]) -> list[Checkpoint]:
+    """Files in training order: by step where every file names one, else by epoch (then step), else by name.
+
+    A file that names neither (Lightning's ``last``, ``model_best``) goes after
+    the others, with a warning: its place in training is not known. Without
+    any epoch or step in the names, the order is by name, numbers compared as
+    numbers (``ckpt_000100`` before ``ckpt_000200``).
+    """
+    known = [c for c in cks if c.epoch is not None or c.step is not None]
+    unknown = sorted((c for c in cks if c.epoch is None and c.step is None), key=lambda c: _natural_key(c.tag))
+    if not known:
+        return unknown
+    unknown = [c for c in unknown if not _copy_of(c, known)]
+    if all(c.step is not None for c in known):
+        known.sort(key=lambda c: (c.step, _natural_key(c.tag)))
+    elif all(c.epoch is not None for c in known):
+        known.sort(key=lambda c: (c.epoch, -1 if c.step is None else c.step, _natural_key(c.tag)))
+    else:
+        known.sort(key=lambda c: _natural_key(c.tag))
+    if unknown:
+        log.warning("checkpoint(s) %s name no epoch or step: placed after the others; list the files in order in "
+                    "[[models]] checkpoints to place them yourself", ", ".join(c.tag for c in unknown))
+    return known + unknown
+
+
+def _copy_of(c: Checkpoint, others: list[Checkpoint]) -> bool:
+    """True (and said) when ``c``'s file has the same bytes as one of ``others`` (Lightning's ``last.ckpt``)."""
+    size = Path(c.path).stat().st_size
+    for o in others:
+        if Path(o.path).stat().st_size == size and file_sha256(o.path) == file_sha256(c.path):
+            log.info("checkpoint %s is a copy of %s; left out", Path(c.path).name, Path(o.path).name)
+            return True
+    return False
+
+
 def list_checkpoints(source) -> list[Checkpoint]:
-    """Checkpoints of one model: a folder (with conceptevo's ``checkpoints.json`` or plain files) or a list of paths."""
+    """Checkpoints of one model: a folder (with conceptevo's ``checkpoints.json`` or plain files) or a list of paths.
+
+    A list keeps its order. A folder without an index is ordered by the epoch
+    or step in the file names (:func:`parse_position`), else by name with
+    numbers compared as numbers; each file's tag is its name without the
+    suffixes, and its epoch and step are the ones its name states.
+    """
     if isinstance(source, (list, tuple)):
         out = []
         for p in source:
             p = Path(p)
             if not p.exists():
                 raise CheckpointError(f"checkpoint {p} does not exist; check the path")
-            out.append(Checkpoint(tag=p.stem, path=str(p)))
+            out.append(_from_file(p))
         return _unique(out)
     folder = Path(source)
     if not folder.is_dir():
@@ -142,10 +418,16 @@ def list_checkpoints(source) -> list[Checkpoint]:
             if not Path(c.path).is_absolute():
                 c.path = str(folder / c.path)
         return _unique(cks)
-    files = sorted((p for p in folder.iterdir() if p.suffix in EXTENSIONS), key=lambda p: _natural_key(p.stem))
+    files = [p for p in folder.iterdir() if p.suffix.lower() in EXTENSIONS and not p.name.startswith(".") and p.is_file()]
     if not files:
         raise CheckpointError(f"no checkpoint files ({', '.join(EXTENSIONS)}) in {folder}")
-    return _unique([Checkpoint(tag=p.stem, path=str(p)) for p in files])
+    return _unique(_order([_from_file(p) for p in files]))
+
+
+def _from_file(p: Path) -> Checkpoint:
+    tag = checkpoint_stem(p)
+    epoch, step = parse_position(tag)
+    return Checkpoint(tag=tag, path=str(p), epoch=epoch, step=step)
 
 
 def _unique(cks: list[Checkpoint]) -> list[Checkpoint]:

@@ -7,15 +7,24 @@
   projection shortcuts (branching, not sequential).
 * ``tv:NAME``: any torchvision classification model, randomly initialised
   (nothing is downloaded); needs the ``vision`` extra.
+* ``package.module:function`` (or ``:Class``): your own, see :func:`build_model`.
 """
 from __future__ import annotations
 
+import importlib
+import inspect
+import logging
+import sys
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Callable
 
 import torch
 from torch import nn
 
 from ..errors import ConceptEvoError, suggest
+
+log = logging.getLogger(__name__)
 
 
 class VGGLike(nn.Module):
@@ -104,8 +113,16 @@ ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
 }
 
 
-def build_model(arch: str, in_channels: int = 1, num_classes: int = 10, seed: int | None = None, **options) -> nn.Module:
+def build_model(arch: str, in_channels: int = 1, num_classes: int = 10, seed: int | None = None,
+                import_path=None, **options) -> nn.Module:
     """Build a model by name: a built-in architecture, ``tv:NAME`` (torchvision), or ``module:function``.
+
+    ``module:function`` (or ``module:Class``) is imported, with the folders
+    of ``import_path`` searched first (a study config passes its own folder),
+    and called as ``function(in_channels=..., num_classes=..., **options)``,
+    each of the three only where the function's signature takes it (any
+    name under ``**kwargs``); an option it does not take, or an argument it
+    needs and is not given, is an error naming it.
 
     With ``seed``, the initial weights are the same on every run (drawn from a
     generator seeded for this call; the global random state is left as it
@@ -113,30 +130,112 @@ def build_model(arch: str, in_channels: int = 1, num_classes: int = 10, seed: in
     torch seeds differently in every process.
     """
     if seed is None:
-        return _build(arch, in_channels, num_classes, **options)
+        return _build(arch, in_channels, num_classes, import_path, **options)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return _build(arch, in_channels, num_classes, **options)
+        return _build(arch, in_channels, num_classes, import_path, **options)
 
 
-def _build(arch: str, in_channels: int, num_classes: int, **options) -> nn.Module:
+def _build(arch: str, in_channels: int, num_classes: int, import_path=None, **options) -> nn.Module:
+    if not isinstance(arch, str) or not arch:
+        raise ConceptEvoError(f"arch must be a name such as 'vgg_like', 'tv:resnet18' or 'package.module:function', got {arch!r}")
     if arch in ARCHITECTURES:
         return ARCHITECTURES[arch](in_channels=in_channels, num_classes=num_classes, **options)
     if arch.startswith("tv:") or arch.startswith("torchvision:"):
         return _torchvision_model(arch.split(":", 1)[1], in_channels, num_classes, **options)
     if ":" in arch:
-        import importlib
-
-        mod_name, _, fn_name = arch.partition(":")
-        try:
-            fn = getattr(importlib.import_module(mod_name), fn_name)
-        except (ImportError, AttributeError) as e:
-            raise ConceptEvoError(f"cannot import model factory {arch!r} ({e}); give 'package.module:function'") from None
-        return fn(in_channels=in_channels, num_classes=num_classes, **options)
+        folders = [str(f) for f in ([import_path] if isinstance(import_path, (str, Path)) else import_path or [])]
+        with _searched_first(folders):
+            fn = _import_factory(arch, folders)
+            return _call_factory(fn, arch, dict(in_channels=in_channels, num_classes=num_classes), options)
     raise ConceptEvoError(
         f"unknown architecture {arch!r}.{suggest(arch, ARCHITECTURES)} Built in: {', '.join(ARCHITECTURES)}; "
         "also 'tv:NAME' for torchvision models or 'package.module:function' for your own"
     )
+
+
+@contextmanager
+def _searched_first(folders: list[str]):
+    """Within the block, imports look in ``folders`` first (as Python looks in a script's own folder)."""
+    added = [f for f in folders if f not in sys.path]
+    sys.path[:0] = added
+    try:
+        yield
+    finally:
+        for f in added:
+            if f in sys.path:
+                sys.path.remove(f)
+
+
+def _import_factory(arch: str, folders: list[str]):
+    mod_name, _, attr = arch.partition(":")
+    if not mod_name or not attr:
+        raise ConceptEvoError(f"arch {arch!r}: give 'package.module:function' (or :Class), both parts")
+    if mod_name.endswith(".py") or "/" in mod_name or "\\" in mod_name:
+        stem = Path(mod_name).with_suffix("").as_posix().replace("/", ".")
+        raise ConceptEvoError(f"arch {arch!r}: give the module's import name, not a file, e.g. '{stem}:{attr}' "
+                              "(the config file's folder is searched first)")
+    where = f"{', '.join(folders)} (searched first) and the Python path" if folders else "the Python path"
+    try:
+        module = importlib.import_module(mod_name)
+    except ModuleNotFoundError as e:
+        if e.name and (mod_name == e.name or mod_name.startswith(e.name + ".")):
+            home = folders[0] if folders else "the current folder or an installed package"
+            raise ConceptEvoError(
+                f"cannot import the model factory {arch!r}: no module {e.name!r} in {where}; put "
+                f"{e.name.replace('.', '/')}.py in {home}, set import_path in [[models]], or install the package"
+            ) from None
+        raise ConceptEvoError(f"importing {mod_name!r} for the model factory {arch!r} failed: it imports {e.name!r}, "
+                              f"which is not installed ({e})") from None
+    except ImportError as e:
+        raise ConceptEvoError(f"importing {mod_name!r} for the model factory {arch!r} failed: {e}") from None
+    obj = module
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            names = [n for n in dir(obj) if not n.startswith("_") and callable(getattr(obj, n, None))]
+            raise ConceptEvoError(f"module {mod_name!r} ({getattr(module, '__file__', '?')}) has no {attr!r}.{suggest(part, names)} "
+                                  f"Callables there: {', '.join(names[:12]) or 'none'}")
+        obj = getattr(obj, part)
+    if isinstance(obj, nn.Module):
+        raise ConceptEvoError(f"{arch!r} is a model instance, not a function or class; give the class, or a function "
+                              "that builds and returns the model")
+    if not callable(obj):
+        raise ConceptEvoError(f"{arch!r} is a {type(obj).__name__}, not a function or class that builds the model")
+    return obj
+
+
+def _call_factory(fn, arch: str, given: dict, options: dict) -> nn.Module:
+    """``fn(**given, **options)`` with only the ``given`` arguments (in_channels, num_classes) its signature takes."""
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # no signature to read (some builtins): pass everything
+        params = None
+    if params is None or any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        kwargs = {**given, **options}
+    else:
+        named = {n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+        unknown = [k for k in options if k not in named]
+        if unknown:
+            raise ConceptEvoError(
+                f"the model factory {arch!r} takes no option {', '.join(map(repr, unknown))}; its parameters are "
+                f"{', '.join(params) or 'none'}: fix options in [[models]]"
+            )
+        kwargs = {**{k: v for k, v in given.items() if k in named}, **options}
+        skipped = [k for k in given if k not in named]
+        if skipped:
+            log.debug("model factory %s takes no %s; not passed", arch, ", ".join(skipped))
+        needed = [n for n, p in params.items() if p.default is p.empty and n not in kwargs
+                  and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+        if needed:
+            raise ConceptEvoError(
+                f"the model factory {arch!r} needs {', '.join(map(repr, needed))}, which conceptevo cannot supply; "
+                f"give {'them' if len(needed) > 1 else 'it'} in options in [[models]] (options = {{{needed[0]} = ...}})"
+            )
+    model = fn(**kwargs)
+    if not isinstance(model, nn.Module):
+        raise ConceptEvoError(f"the model factory {arch!r} returned a {type(model).__name__}, not a torch.nn.Module; "
+                              "it must build and return the model")
+    return model
 
 
 def _torchvision_model(name: str, in_channels: int, num_classes: int, **options) -> nn.Module:
