@@ -140,8 +140,9 @@ def _plan(ws: Workspace, config: StudyConfig, trust: bool = False):
     params = {"k": sp.k, "layers": sp.layers}
     passes = []
     for m in config.models:
+        which = {k: v for k, v in m.loading().items() if k != "import_path"}  # which weights of the file (prefix, key)
         for row in models[m.name]["checkpoints"]:
-            key = hash_json([data_key, row["sha256"], m.arch, m.options, params])
+            key = hash_json([data_key, row["sha256"], m.arch, m.options, params] + ([which] if which else []))
             todo = not ws.is_done(f"stimuli/{m.name}/{row['tag']}", key)
             passes.append({"model": m.name, "arch": m.arch, "options": m.options, "tag": row["tag"],
                            "path": row["path"], "key": key, "todo": todo, "load": m.loading()})

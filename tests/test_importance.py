@@ -405,6 +405,8 @@ def test_verdict_yes_when_the_claims_hold():
     res = table([-0.20, -0.12, -0.06, -0.01], -0.09)
     assert answers(res) == answers(res, "test") == ("yes", "yes", "yes")
     assert "75-100 minus 0-25 +0.19" in str(res.check_claim()["monotonic"])
+    with pytest.raises(TypeError, match="compare verdict.answer == 'yes'"):
+        bool(res.check_claim()["holds"])  # "if verdict:" must not pass for a "no"
     # one repeat of many classes: the spread across classes decides
     assert answers(table([-0.20, -0.12, -0.06, -0.01], -0.09, classes=10, repeats=1)) == ("yes", "yes", "yes")
 

@@ -6,6 +6,7 @@ the same stimuli as the raw state_dict, or a one-line error that names the fix.
 """
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import textwrap
 
@@ -327,6 +328,11 @@ def test_own_model_module_and_checkpoint_formats_through_run(tmp_path, data):
         assert same_stimuli(ws.stimuli("raw", raw), ws.stimuli("lightning", other))
     for raw, other in zip(ws.tags("raw"), ws.tags("ema")):
         assert same_stimuli(ws.stimuli("raw", raw), ws.stimuli("ema", other))
+    # another prefix reads other weights from the same files: their stimuli are computed again
+    again = run_study(dataclasses.replace(config, models=[dataclasses.replace(m, prefix="model.") if m.name == "ema" else m
+                                                            for m in config.models]), progress=False)
+    assert not same_stimuli(again.stimuli("raw", "model_e1"), again.stimuli("ema", "ckpt_000100"))
+    ws = run_study(config, progress=False)
     # later commands build the model the same way (module from the config's folder, the prefix), from the workspace
     from conceptevo.importance.commands import importance_command
 

@@ -43,6 +43,9 @@ class Verdict:
     def __str__(self) -> str:
         return f"{self.answer}: {self.reason}" if self.reason else self.answer
 
+    def __bool__(self):  # three answers do not fit a bool: `if verdict:` would treat "no" as true
+        raise TypeError(f"a verdict is 'yes', 'no' or 'cannot tell', not a bool; compare verdict.answer == 'yes' ({self})")
+
     def to_dict(self) -> dict:
         return asdict(self)
 

@@ -84,6 +84,10 @@ def _read_state(path: Path, trust: bool):
         raise CheckpointError(f"checkpoint {path} is corrupt or truncated ({str(e).splitlines()[0][:160]}); re-save it") from None
 
 
+def _is_state(obj) -> bool:
+    return isinstance(obj, dict) and bool(obj) and all(isinstance(v, torch.Tensor) for v in obj.values())
+
+
 def extract_state_dict(obj, path="checkpoint", key: str | None = None) -> dict:
     """The state_dict inside the layouts people save.
 
@@ -102,17 +106,17 @@ def extract_state_dict(obj, path="checkpoint", key: str | None = None) -> dict:
             inner = inner[part]
         if isinstance(inner, nn.Module):
             return inner.state_dict()
-        if isinstance(inner, dict) and inner and all(isinstance(v, torch.Tensor) for v in inner.values()):
+        if _is_state(inner):
             return inner
         raise CheckpointError(f"entry {key!r} of {path} is not a dict of tensors (a state_dict); give the entry that holds the weights")
     if isinstance(obj, dict):
         for k in STATE_KEYS:
             inner = obj.get(k)
-            if isinstance(inner, dict) and inner:
+            if _is_state(inner):
                 return inner
             if isinstance(inner, nn.Module):
                 return inner.state_dict()
-        if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        if _is_state(obj):
             return obj
         entries = ", ".join(repr(k) for k in list(obj)[:8]) + (", ..." if len(obj) > 8 else "")
         raise CheckpointError(
