@@ -203,8 +203,14 @@ def plot_neuron_evolution(ws, path, neuron: str | None = None, model: str | None
 
 def make_figures(ws, out: str | Path | None = None, formats=("png", "pdf"), neuron: str | None = None,
                  model: str | None = None, groups: int = 3, k: int = 8, seed: int = 0) -> list[Path]:
-    """Write Fig 2 (space.*), Fig 1 (groups.*) and Fig 3 (evolution.*) into ``out`` (default: the workspace's figures/)."""
+    """Write Fig 2 (space.*), Fig 1 (groups.*) and Fig 3 (evolution.*) into ``out`` (default: the workspace's figures/).
+
+    ``ws`` is a :class:`~conceptevo.Workspace` or its folder.
+    """
+    from ..workspace import Workspace
     from .space import plot_space_grid
+
+    ws = ws if isinstance(ws, Workspace) else Workspace(ws)
 
     formats = _check_formats(formats)
     out = Path(out) if out is not None else ws.figures_dir
