@@ -16,6 +16,7 @@ _EXPORTS = {
     "ImageEmbedding": ".embedding", "embed_images": ".embedding",
     "project": ".projection", "fit_layout": ".projection",
     "Workspace": ".workspace",
+    "make_figures": ".report", "explore": ".explorer", "export_site": ".explorer",
     "load_checkpoint": ".models", "build_model": ".models", "list_checkpoints": ".models",
     "evolution_importance": ".importance",
     "ConceptEvoError": ".errors",

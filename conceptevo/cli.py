@@ -88,8 +88,7 @@ def cmd_importance(args) -> int:
         return 0
     print(f"most important evolutions {args.tag_from} -> {args.tag_to} for class {r['class_index']} "
           f"(score = share of the class's images whose logit the evolution raised):")
-    for nid, score in r["importance"].top(args.top):
-        print(f"  {nid:<24} {score:.3f}")
+    print("\n".join(r["importance"].top_lines(args.top)))
     print(f"all scores: {r['csv']}\nfigure: {r['png']}")
     return 0
 

@@ -32,6 +32,7 @@ decoded sheet in well under a millisecond.
 from __future__ import annotations
 
 import copy
+import hashlib
 import io as _pyio
 import logging
 import math
@@ -505,12 +506,17 @@ def _auto_cell(rfs: Iterable[ReceptiveField], max_cell: int = DEFAULT_MAX_CELL) 
 
 
 def compute_patches(ws, models: Sequence[str] | None = None, cell: int | None = None, force: bool = False,
-                    progress: bool = True, trust: bool = False) -> list[str]:
+                    progress: bool = True, trust: bool = False, dataset=None, networks=None) -> list[str]:
     """Receptive fields, example patches and stimulus images for every checkpoint with stimuli.
 
     Skips checkpoints whose patches are up to date (their stimuli and the patch
     settings are unchanged). Returns the stage names written. The caller should
     hold the workspace lock (:class:`~conceptevo.workspace.WorkspaceLock`).
+
+    ``dataset`` (item i = the image stimuli call i) and ``networks`` ({model:
+    nn.Module}, for the receptive fields) replace the study's recorded dataset
+    and checkpoints, for workspaces built from results in memory
+    (:func:`conceptevo.results.workspace_from_results`).
     """
     from tqdm.auto import tqdm
 
@@ -526,7 +532,11 @@ def compute_patches(ws, models: Sequence[str] | None = None, cell: int | None = 
     todo = [(m, t) for m in models for t in ws.tags(m) if ws.stage(f"stimuli/{m}/{t}") is not None]
     if not todo:
         raise WorkspaceError(f"the workspace {ws.path} has no stimuli yet; run `conceptevo run` on its config first")
-    dataset = ws.dataset("train")
+    if dataset is None:
+        if not ws.config.get("data") and not force and ws.stage("patches/images") is not None \
+                and all(ws.stage(f"patches/{m}/{t}") is not None for m, t in todo):
+            return []  # built from results in memory: its patches were made then, from the images it was given
+        dataset = ws.dataset("train")
     shape = tuple(int(s) for s in dataset[0][0].shape)
     manifest_models = ws.manifest.get("models", {})
 
@@ -538,16 +548,19 @@ def compute_patches(ws, models: Sequence[str] | None = None, cell: int | None = 
         first_tag = next(t for mm, t in todo if mm == m)
         first = next(c for c in info["checkpoints"] if c["tag"] == first_tag)
         stim_layers = [l.name for l in ws.stimuli(m, first_tag).layers]
-        rf_key = hash_json([FORMAT_VERSION, info["arch"], info.get("options", {}), stim_layers, shape])
+        net = (networks or {}).get(m)
+        structure = [] if net is None else [hashlib.sha256(repr(net).encode()).hexdigest()[:16]]
+        rf_key = hash_json([FORMAT_VERSION, info["arch"], info.get("options", {}), stim_layers, shape] + structure)
         rf_path = patches_dir(ws, m) / "receptive_fields.json"
         if not force and rf_path.exists() and read_json(rf_path).get("key") == rf_key:
             rfs = {d["layer"]: ReceptiveField.from_dict(d) for d in read_json(rf_path)["layers"]}
         else:
-            try:
-                net = load_model(info["arch"], info.get("options", {}), first["path"], dataset, trust=trust, **info.get("load", {}))
-            except CheckpointError as e:  # receptive fields do not depend on the weights
-                log.info("building %s without weights for its receptive fields (%s)", m, e)
-                net = build_for_dataset(info["arch"], info.get("options", {}), dataset, info.get("load", {}).get("import_path")).eval()
+            if net is None:
+                try:
+                    net = load_model(info["arch"], info.get("options", {}), first["path"], dataset, trust=trust, **info.get("load", {}))
+                except CheckpointError as e:  # receptive fields do not depend on the weights
+                    log.info("building %s without weights for its receptive fields (%s)", m, e)
+                    net = build_for_dataset(info["arch"], info.get("options", {}), dataset, info.get("load", {}).get("import_path")).eval()
             rfs = receptive_fields(net, stim_layers, shape)
             write_json(rf_path, {"key": rf_key, "model": m, "arch": info["arch"], "input_shape": list(shape),
                                  "layers": [rf.to_dict() for rf in rfs.values()]})

@@ -79,6 +79,19 @@ class Workspace:
         else:
             raise WorkspaceError(f"no conceptevo workspace at {self.path}; create one with `conceptevo run CONFIG.toml` or `conceptevo demo`")
 
+    @classmethod
+    def from_results(cls, path, stimuli, neuron_embedding, image_embedding, **kwargs) -> "Workspace":
+        """A workspace written from results computed in memory with the API, for the figures and the explorer.
+
+        ``stimuli`` is ``{model: {tag: Stimuli}}``; keyword arguments ``base``
+        (the (model, tag) the embeddings were learned on), ``dataset`` and
+        ``models`` ({model: network}) are required. See
+        :func:`conceptevo.results.workspace_from_results` for all of them.
+        """
+        from .results import workspace_from_results
+
+        return workspace_from_results(path, stimuli, neuron_embedding, image_embedding, **kwargs)
+
     # -- stage bookkeeping ----------------------------------------------------------------------------
     def _flush(self) -> None:
         """Write the manifest; stage records changed by other processes meanwhile are kept.
@@ -255,6 +268,11 @@ class Workspace:
         """The study's dataset, opened as the config names it."""
         from .pipeline import open_study_dataset
 
+        if not self.config.get("data"):
+            raise WorkspaceError(
+                f"the workspace {self.path} records no dataset (it was built from results in memory with "
+                "Workspace.from_results), so commands that reread its images cannot run on it; use the Python API "
+                "with your dataset, or make the study with `conceptevo run`")
         return open_study_dataset(self.config, split)
 
     def summary(self) -> str:

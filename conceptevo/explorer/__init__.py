@@ -9,4 +9,31 @@ from .data import ExplorerData
 from .export import export_site
 from .server import ExplorerServer, make_server, page_html, serve
 
-__all__ = ["ExplorerData", "ExplorerServer", "make_server", "serve", "export_site", "page_html"]
+
+def explore(ws, port: int = 8000, host: str = "127.0.0.1", background: bool = False, open_browser: bool = False,
+            kmeans: int = 8):
+    """Serve the explorer for a workspace (a :class:`~conceptevo.Workspace` or its folder).
+
+    By default it serves until interrupted, as ``conceptevo explore`` does.
+    With ``background=True`` (e.g. in a notebook) it serves from a thread and
+    returns the server at once: open ``server.url``; ``server.shutdown()``
+    stops it. ``port=0`` picks a free port.
+    """
+    import threading
+
+    from ..workspace import Workspace
+
+    ws = ws if isinstance(ws, Workspace) else Workspace(ws)
+    if not background:
+        return serve(ws, host=host, port=port, kmeans=kmeans, open_browser=open_browser)
+    server = make_server(ws, host=host, port=port, kmeans=kmeans)
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2}, daemon=True,
+                     name="conceptevo-explorer").start()
+    if open_browser:
+        import webbrowser
+
+        webbrowser.open(server.url)
+    return server
+
+
+__all__ = ["ExplorerData", "ExplorerServer", "make_server", "serve", "explore", "export_site", "page_html"]

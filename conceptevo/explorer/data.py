@@ -146,7 +146,7 @@ class ExplorerData:
             ck_list = []
             for ti, c in enumerate(cks):
                 t = c.tag
-                rec = {"tag": t, "time": times[ti], "epoch": c.epoch, "metrics": {k: v for k, v in c.metrics.items() if isinstance(v, (int, float))},
+                rec = {"tag": t, "time": times[ti], "epoch": c.epoch, "step": c.step, "metrics": {k: v for k, v in c.metrics.items() if isinstance(v, (int, float))},
                        "layout": self.layouts.get((m, t)) is not None, "vectors": self.vectors.get((m, t)) is not None,
                        "patches": None}
                 if self.store.has(m, t):
@@ -175,7 +175,7 @@ class ExplorerData:
         moved_max = float(np.nanpercentile(np.concatenate(moved_all), 99)) if moved_all else 1.0
         return {
             "workspace": ws.path.name, "path": ws.path.name if self.public else str(ws.path), "base": base, "models": models, "images": images,
-            "kmeans": int(len(self.centres)) if self.centres is not None else 0, "moved_max": moved_max,
+            "time_axis": analysis.time_axis(ws), "kmeans": int(len(self.centres)) if self.centres is not None else 0, "moved_max": moved_max,
             "curves": curves, "importance": imps, "missing": self.missing(),
             "diversity_estimator": "mean over dimensions of the differential entropy (Vasicek estimator, scipy)",
         }

@@ -123,6 +123,7 @@ def plot_evolutions(ws: Workspace, model: str, tag_from: str, tag_to: str, imp, 
     s_from, s_to = ws.stimuli(model, tag_from), ws.stimuli(model, tag_to)
     row_of = {nid: i for i, nid in enumerate(s_from.neuron_ids)}
     ranked = imp.top(top)
+    mean = dict(zip(imp.neuron_ids, imp.mean_sensitivity))
     ncol = 2 * examples + 1
     fig, axes = plt.subplots(len(ranked), ncol, figsize=(0.9 * ncol, 1.0 * len(ranked) + 0.6), squeeze=False)
     for r, (nid, score) in enumerate(ranked):
@@ -136,8 +137,12 @@ def plot_evolutions(ws: Workspace, model: str, tag_from: str, tag_to: str, imp, 
         mid = axes[r, examples]
         mid.axis("off")
         mid.text(0.5, 0.5, "→", ha="center", va="center", fontsize=16)
-        axes[r, 0].set_ylabel(f"{nid}\n{score:.2f}", fontsize=6, rotation=0, ha="right", va="center")
-    fig.suptitle(f"{model}: evolutions {tag_from} → {tag_to} most important for '{class_name}' (score = share of images helped)", fontsize=8)
+        axes[r, 0].set_ylabel(f"{nid}\nscore {score:.2f}\nmean S {float(mean[nid]):+.3g}", fontsize=6, rotation=0,
+                              ha="right", va="center")
+    title = f"{model}: evolutions {tag_from} → {tag_to} most important for '{class_name}' (score = share of images helped)"
+    if imp.tie_note(top):
+        title += "\nequal scores ranked by mean sensitivity S (mean first-order change of the class logit)"
+    fig.suptitle(title, fontsize=8)
     fig.tight_layout()
     path = save_figure(fig, path, dpi=120)[0]
     plt.close(fig)

@@ -104,24 +104,63 @@ class EvolutionImportance:
             start += c
         return out
 
+    @property
+    def mean_sensitivity(self) -> np.ndarray:
+        """float32 [N]: each neuron's mean first-order change of the class logit over the images (Eq 5 averaged)."""
+        if not self.num_images:
+            return np.zeros(len(self), np.float32)
+        return self.sensitivities.mean(axis=0, dtype=np.float64).astype(np.float32)
+
     def ranking(self) -> np.ndarray:
         """Neuron positions from most to least important.
 
         Ties in score (common: scores are multiples of 1/images) are broken by
         the larger mean sensitivity, then by neuron order.
         """
-        mean = self.sensitivities.mean(axis=0) if self.num_images else np.zeros(len(self), np.float32)
-        return np.lexsort((np.arange(len(self)), -mean, -self.scores))
+        return np.lexsort((np.arange(len(self)), -self.mean_sensitivity, -self.scores))
 
     def top(self, n: int = 10) -> list[tuple[str, float]]:
         """The ``n`` most important evolutions as ``(neuron_id, score)``, best first."""
         check_positive("n", n, integer=True)
         return [(self.neuron_ids[j], float(self.scores[j])) for j in self.ranking()[:n]]
 
+    def tie_note(self, n: int = 10) -> str | None:
+        """A sentence on the score ties that the top ``n`` runs into and how they were ranked; None without ties.
+
+        Scores are shares of a few images, so many neurons often share one
+        (e.g. every image helped: 1.000); the top ``n`` would then be an
+        arbitrary cut, and this says which secondary measure made it.
+        """
+        check_positive("n", n, integer=True)
+        order = self.ranking()[:n]
+        scores, mean = self.scores, self.mean_sensitivity
+        parts, by_order = [], False
+        for v in dict.fromkeys(float(x) for x in scores[order]):
+            tied = np.flatnonzero(scores == v)
+            if tied.size < 2:
+                continue
+            shown = int(np.sum(scores[order] == v))
+            parts.append(f"{tied.size} neurons score {v:.3f}"
+                         + (f" ({shown} of them in the top {len(order)})" if shown < tied.size else ""))
+            by_order |= len(np.unique(mean[tied])) < tied.size
+        if not parts:
+            return None
+        return ("ties: " + "; ".join(parts) + ". Equal scores are ranked by mean sensitivity (the mean first-order "
+                "change of the class logit over the images), larger first" + (", then by neuron order" if by_order else "") + ".")
+
+    def top_lines(self, n: int = 10) -> list[str]:
+        """The top ``n`` as printable lines: rank, neuron, score, mean sensitivity, then the tie note if any."""
+        mean = self.mean_sensitivity
+        lines = [f"  {'rank':>4}  {'neuron':<24} {'score':>6}  mean sensitivity"]
+        for rank, j in enumerate(self.ranking()[:n], start=1):
+            lines.append(f"  {rank:>4}  {self.neuron_ids[j]:<24} {float(self.scores[j]):>6.3f}  {float(mean[j]):+.4g}")
+        note = self.tie_note(n)
+        return lines + ([note] if note else [])
+
     def to_csv(self, path) -> Path:
         """Write one row per neuron (rank, neuron_id, layer, channel, score, mean_sensitivity), best first."""
         path = Path(path)
-        mean = self.sensitivities.mean(axis=0) if self.num_images else np.zeros(len(self))
+        mean = self.mean_sensitivity
         with atomic_path(path, suffix=".csv") as tmp:
             with open(tmp, "w", newline="") as f:
                 w = csv.writer(f)

@@ -18,10 +18,20 @@ from ..io import load_npy, read_json
 log = logging.getLogger(__name__)
 
 
+def time_axis(ws) -> str:
+    """``"epoch"`` when every checkpoint of every model has a known epoch, else ``"checkpoint"`` (positions)."""
+    known = all(c.epoch is not None for m in ws.models for c in ws.checkpoints(m))
+    return "epoch" if known else "checkpoint"
+
+
 def checkpoint_times(ws, model: str) -> list[float]:
-    """Each checkpoint's place on the time axis: its epoch, or its position when epochs are unknown."""
+    """Each checkpoint's place on the time axis: its epoch, or its position when any epoch of the study is unknown.
+
+    One axis for all models, so a model with epochs and one without are never
+    drawn on two different scales as if they were one.
+    """
     cks = ws.checkpoints(model)
-    if all(c.epoch is not None for c in cks):
+    if time_axis(ws) == "epoch":
         return [float(c.epoch) for c in cks]
     return [float(i) for i in range(len(cks))]
 

@@ -17,6 +17,8 @@ from . import analysis
 
 log = logging.getLogger(__name__)
 
+DPI = 130          # resolution of the PNG files
+MARKER_PT = 6      # diameter of a checkpoint's marker on a neuron's path, in points
 GROUP_COLOURS = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#9a6324"]
 
 
@@ -30,7 +32,7 @@ def _plt():
 
 
 def _save(fig, path, formats) -> list[Path]:
-    out = io.save_figure(fig, path, formats, dpi=130, bbox_inches="tight")
+    out = io.save_figure(fig, path, formats, dpi=DPI, bbox_inches="tight")
     _plt().close(fig)
     return out
 
@@ -170,8 +172,10 @@ def plot_neuron_evolution(ws, path, neuron: str | None = None, model: str | None
         grid[i * (P + gap):i * (P + gap) + P] = r
     aspect = grid.shape[0] / grid.shape[1]
     width_r = 0.6 * k
-    fig = plt.figure(figsize=(4.0 + width_r + 0.6, max(3.4, width_r * aspect + 0.9)))
-    gs = fig.add_gridspec(1, 2, width_ratios=[4.0, width_r], wspace=0.18)
+    # constrained layout keeps the row labels off the path panel; the figure is made at the saved resolution,
+    # so the label placement below measures what the PNG shows
+    fig = plt.figure(figsize=(4.0 + width_r + 1.2, max(3.4, width_r * aspect + 1.0)), dpi=DPI, layout="constrained")
+    gs = fig.add_gridspec(1, 2, width_ratios=[4.0, width_r])
     ax = fig.add_subplot(gs[0, 0])
     bg = lay[(model, tags[-1])]
     ax.scatter(bg[:, 0], bg[:, 1], s=3, c="#d8d8d8", linewidths=0)
@@ -180,8 +184,7 @@ def plot_neuron_evolution(ws, path, neuron: str | None = None, model: str | None
     ax.plot(path_xy[:, 0], path_xy[:, 1], "-", color="#555", lw=1, zorder=2)
     for i, t in enumerate(tags):
         col = cmap(i / max(1, len(tags) - 1) * 0.85)
-        ax.scatter(*path_xy[i], s=36, color=col, zorder=3, edgecolors="k", linewidths=0.4)
-        ax.annotate(t, path_xy[i], textcoords="offset points", xytext=(4, 4), fontsize=7)
+        ax.scatter(*path_xy[i], s=MARKER_PT ** 2, color=col, zorder=3, edgecolors="k", linewidths=0.4)
     ax.set_xticks([]), ax.set_yticks([])
     ax.set_title("path through the unified space", fontsize=8)
     a = fig.add_subplot(gs[0, 1])
@@ -198,13 +201,73 @@ def plot_neuron_evolution(ws, path, neuron: str | None = None, model: str | None
         side.set_visible(False)
     a.set_title("example patches", fontsize=8)
     fig.suptitle(f"Evolution of neuron {neuron} ({model}); right: its example patches at each checkpoint", fontsize=9)
+    unplaced = label_points(ax, path_xy, tags)
+    if unplaced:
+        log.info("evolution figure: no room to label %d of %d checkpoints on the path (%s); their colour orders them",
+                 len(unplaced), len(tags), ", ".join(unplaced[:4]))
     return _save(fig, path, formats)
+
+
+def label_points(ax, xy, labels, fontsize: float = 7, marker_pt: float = None) -> list[str]:
+    """Label points of ``ax`` so that no label overlaps another, a point, or leaves the panel; return those left out.
+
+    Measured with the renderer once the figure's layout is final: each label,
+    the last point's first, takes the first free spot on rings of growing
+    radius around its point (a thin leader line joins it to a spot further
+    than a few points away).
+    """
+    from matplotlib.text import Text
+    from matplotlib.transforms import Bbox
+
+    marker_pt = MARKER_PT if marker_pt is None else marker_pt
+    fig = ax.figure
+    fig.canvas.draw()                          # runs the layout engine: positions are final
+    r = fig.canvas.get_renderer()
+    box = ax.get_window_extent(r)
+    disp = ax.transData.transform(np.asarray(xy, dtype=float))
+    half = (marker_pt / 2 + 1) * fig.dpi / 72
+    taken = [Bbox.from_extents(x - half, y - half, x + half, y + half) for x, y in disp]
+    directions = [(1, 1), (-1, 1), (1, -1), (-1, -1), (1, 0), (-1, 0), (0, 1), (0, -1)]
+    left_out = []
+    for i in reversed(range(len(labels))):
+        spot = None
+        for radius in (4, 9, 15, 22, 30, 40, 52, 66, 82, 100, 125, 150):
+            for dx, dy in directions:
+                norm = float(np.hypot(dx, dy))
+                ann = ax.annotate(str(labels[i]), xy[i], xytext=(radius * dx / norm, radius * dy / norm),
+                                  textcoords="offset points", fontsize=fontsize,
+                                  ha="left" if dx > 0 else "right" if dx < 0 else "center",
+                                  va="bottom" if dy > 0 else "top" if dy < 0 else "center",
+                                  arrowprops=dict(arrowstyle="-", color="#888", lw=0.5, shrinkA=0, shrinkB=0)
+                                  if radius > 9 else None)
+                ann.set_in_layout(False)
+                ann.update_positions(r)            # an annotation places its text only when drawn
+                bb = Text.get_window_extent(ann, r)
+                inside = box.x0 + 1 <= bb.x0 and bb.x1 <= box.x1 - 1 and box.y0 + 1 <= bb.y0 and bb.y1 <= box.y1 - 1
+                if inside and not any(bb.overlaps(o) for o in taken):
+                    spot = bb
+                    break
+                ann.remove()
+            if spot is not None:
+                break
+        if spot is None:
+            left_out.append(str(labels[i]))
+        else:
+            taken.append(spot)
+    return left_out[::-1]
+
 
 
 def make_figures(ws, out: str | Path | None = None, formats=("png", "pdf"), neuron: str | None = None,
                  model: str | None = None, groups: int = 3, k: int = 8, seed: int = 0) -> list[Path]:
-    """Write Fig 2 (space.*), Fig 1 (groups.*) and Fig 3 (evolution.*) into ``out`` (default: the workspace's figures/)."""
+    """Write Fig 2 (space.*), Fig 1 (groups.*) and Fig 3 (evolution.*) into ``out`` (default: the workspace's figures/).
+
+    ``ws`` is a :class:`~conceptevo.Workspace` or its folder.
+    """
+    from ..workspace import Workspace
     from .space import plot_space_grid
+
+    ws = ws if isinstance(ws, Workspace) else Workspace(ws)
 
     formats = _check_formats(formats)
     out = Path(out) if out is not None else ws.figures_dir
