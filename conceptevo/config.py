@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConceptEvoError, check_positive, suggest
+from .records import check_name
 
 
 @dataclass(frozen=True)
@@ -37,8 +38,7 @@ class ModelConfig:
     options: dict = field(default_factory=dict)
 
     def validate(self):
-        if not self.name or any(c in self.name for c in "/\\:\x00") or self.name in (".", ".."):
-            raise ConceptEvoError(f"model name {self.name!r} must be a plain name (letters, digits, '-', '_')")
+        check_name("model name", self.name)
         cks = self.checkpoints
         if not (isinstance(cks, str) and cks) and not (
                 isinstance(cks, (list, tuple)) and cks and all(isinstance(c, str) and c for c in cks)):
