@@ -6,7 +6,7 @@ another thread parses meanwhile, the first one fails with ``SystemError: AST
 constructor recursion depth mismatch`` (CPython gh-106905, fixed in later
 releases). numpy parses every ``.npy`` header with ``ast.literal_eval``.
 
-The harness (the same as ``test_npy_loads_from_many_threads_under_garbage_collection``,
+The harness (``tests/switching.py``, as in ``test_npy_loads_from_many_threads_under_garbage_collection``,
 run longer): 8 threads, each at a different C stack depth, load healthy files in a
 loop while every garbage collection hands the interpreter to another thread
 (a gc callback that sleeps 0 s; collections every 50 allocations). Rows, each for
@@ -18,7 +18,6 @@ loop while every garbage collection hands the interpreter to another thread
 from __future__ import annotations
 
 import argparse
-import gc
 import platform
 import sys
 import tempfile
@@ -28,14 +27,13 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
 from conceptevo.io import load_npy, save_npy  # noqa: E402
+from switching import deep, gc_switching  # noqa: E402
 
 THREADS = 8
-
-
-def deep(depth, fn):  # through map(): each level is a C-level call
-    return fn() if depth == 0 else next(map(lambda _: deep(depth - 1, fn), [0]))
 
 
 def run(fn, seconds: float) -> tuple[int, dict[str, int]]:
@@ -51,19 +49,12 @@ def run(fn, seconds: float) -> tuple[int, dict[str, int]]:
                 key = f"{type(e).__name__}: {str(e).split('(')[0].strip()[:60]}"
                 failures[key] = failures.get(key, 0) + 1
 
-    switch = lambda phase, info: time.sleep(0) if phase == "start" else None  # noqa: E731
-    old = gc.get_threshold()
-    gc.callbacks.append(switch)
-    gc.set_threshold(50, 5, 5)
-    try:
+    with gc_switching():
         threads = [threading.Thread(target=work, args=(t,)) for t in range(THREADS)]
         for t in threads:
             t.start()
         for t in threads:
             t.join()
-    finally:
-        gc.callbacks.remove(switch)
-        gc.set_threshold(*old)
     return sum(loads), failures
 
 

@@ -710,10 +710,11 @@ def test_npy_loader_never_parses_python(tmp_path):
 
 
 def test_npy_loads_from_many_threads_under_garbage_collection(tmp_path):
-    """The conditions of the flake: 8 threads at different C stack depths load healthy files while every
-    garbage collection hands the interpreter to another thread. No load may fail or differ."""
-    import gc
+    """The conditions of the flake (tests/switching.py): 8 threads at different C stack depths load healthy files
+    while every garbage collection hands the interpreter to another thread. No load may fail or differ."""
     import threading
+
+    from switching import deep, gc_switching
 
     files = []
     for i in range(4):
@@ -721,9 +722,6 @@ def test_npy_loads_from_many_threads_under_garbage_collection(tmp_path):
         save_npy(tmp_path / f"{i}.npy", a)
         files.append((tmp_path / f"{i}.npy", a))
     errors, loads = [], [0] * 8
-
-    def deep(depth, fn):  # through map(): each level is a C-level call, as a request handler's stack is
-        return fn() if depth == 0 else next(map(lambda _: deep(depth - 1, fn), [0]))
 
     def work(t):
         for n in range(300):
@@ -736,19 +734,12 @@ def test_npy_loads_from_many_threads_under_garbage_collection(tmp_path):
             except Exception as e:  # noqa: BLE001 - every failure is counted
                 errors.append(f"{type(e).__name__}: {e}")
 
-    switch = lambda phase, info: time.sleep(0) if phase == "start" else None  # noqa: E731
-    old = gc.get_threshold()
-    gc.callbacks.append(switch)
-    gc.set_threshold(50, 5, 5)
-    try:
+    with gc_switching():
         threads = [threading.Thread(target=work, args=(t,)) for t in range(8)]
         for t in threads:
             t.start()
         for t in threads:
             t.join()
-    finally:
-        gc.callbacks.remove(switch)
-        gc.set_threshold(*old)
     assert errors == [], errors[:5]
     assert sum(loads) == 8 * 300
 

@@ -163,7 +163,7 @@ class BoundedHTTPServer(socketserver.TCPServer):
             for _ in self._threads:
                 self._jobs.put(None)
             for t in self._threads:
-                t.join(timeout=self.write_timeout + 1)
+                t.join(timeout=2.0)  # daemon threads: one still sending a response does not hold up the stop
             self._take_back()
             for conn in list(self._conns.values()):
                 self._close(conn)
