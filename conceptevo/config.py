@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConceptEvoError, check_positive, suggest
+from .records import check_name
 
 
 @dataclass(frozen=True)
@@ -40,8 +41,7 @@ class ModelConfig:
     import_path: list | None = None  # folders searched first for package.module:function; default: the config's folder
 
     def validate(self):
-        if not self.name or any(c in self.name for c in "/\\:\x00") or self.name in (".", ".."):
-            raise ConceptEvoError(f"model name {self.name!r} must be a plain name (letters, digits, '-', '_')")
+        check_name("model name", self.name)
         if self.import_path is not None and not all(isinstance(f, str) and f for f in self.import_path):
             raise ConceptEvoError(f"model {self.name!r}: import_path must be a list of folders, got {self.import_path!r}")
         cks = self.checkpoints

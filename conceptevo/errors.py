@@ -34,6 +34,14 @@ class DamagedFileError(WorkspaceError):
     """A file conceptevo reads (a workspace array or record) is missing, truncated or not what it should be."""
 
 
+class FileAccessError(WorkspaceError):
+    """A file could not be read for a reason outside its contents: too many open files, permission, a failing disk.
+
+    Not a :class:`DamagedFileError`: the file itself may well be fine, and the
+    message says what to change (the open-file limit, the permissions, the disk).
+    """
+
+
 class StorageError(ConceptEvoError):
     """A write failed for lack of space (or quota); nothing half-written was kept."""
 
@@ -60,6 +68,50 @@ def check_positive(name: str, value, integer: bool = False) -> None:
         raise ConceptEvoError(f"{name} must be positive, got {value!r}")
     if isinstance(value, float) and not math.isfinite(value):
         raise ConceptEvoError(f"{name} must be a finite number, got {value!r}")
+
+
+def available_memory() -> int | None:
+    """Bytes this process may still allocate (the system's available memory, or the address-space limit
+    if lower), or None where it cannot be told."""
+    avail = None
+    try:
+        with open("/proc/meminfo", "rb") as f:
+            for line in f:
+                if line.startswith(b"MemAvailable:"):
+                    avail = int(line.split()[1]) * 1024
+                    break
+    except (OSError, ValueError, IndexError):
+        try:
+            import os
+
+            avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            avail = None
+    try:
+        import resource
+
+        limit = resource.getrlimit(resource.RLIMIT_AS)[0]
+        if limit != resource.RLIM_INFINITY:
+            avail = limit if avail is None else min(avail, limit)
+    except (ImportError, OSError, ValueError):  # pragma: no cover - not POSIX
+        pass
+    return avail
+
+
+def format_bytes(n: float) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if n < 1024 or unit == "PiB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} PiB"  # pragma: no cover
+
+
+def check_memory(nbytes: float, what: str, fix: str) -> None:
+    """Refuse, before allocating, work estimated to need more memory than is available: say both figures and the fix."""
+    avail = available_memory()
+    if avail is not None and nbytes > avail:
+        raise ConceptEvoError(f"{what} needs about {format_bytes(nbytes)} of memory, more than the {format_bytes(avail)} "
+                              f"available here; {fix}")
 
 
 def check_device(device) -> str:

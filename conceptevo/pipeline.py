@@ -16,7 +16,7 @@ import torch
 from . import distributed as ddp
 from .config import DataConfig, StudyConfig
 from .data import open_dataset, sample_pool
-from .errors import ConceptEvoError, check_device, suggest
+from .errors import ConceptEvoError, check_device, check_memory, suggest
 from .io import hash_json, load_npy, save_npy
 from .models import build_model, list_checkpoints, load_checkpoint, validate_checkpoints
 from .models.checkpoints import checkpoint_hash
@@ -113,6 +113,9 @@ def _plan(ws: Workspace, config: StudyConfig, trust: bool = False):
     data_key = pool.fingerprint()
     num_images = len(pool.base) if hasattr(pool, "base") else len(pool)
     log.info("stimulus pool: %d images of %s", len(pool), getattr(pool, "name", "dataset"))
+    # before any pass: the image embedding alone holds a float32 vector per image
+    check_memory(4.0 * num_images * config.embedding.dim, f"embedding.dim = {config.embedding.dim} (for {num_images} images)",
+                 "lower embedding.dim (the paper uses 30)")
     models: dict[str, dict] = {}
     for m in config.models:
         rows = []

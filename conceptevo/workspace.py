@@ -38,6 +38,7 @@ import numpy as np
 
 from .errors import ConceptEvoError, DamagedFileError, WorkspaceError
 from .io import load_npy, read_json, remove_orphan_temporaries, write_json
+from .records import check_name, checkpoint_problem, duplicate_tag, name_problem
 
 log = logging.getLogger(__name__)
 
@@ -46,9 +47,7 @@ VERSION = 1
 
 
 def _safe(part: str) -> str:
-    if not part or part in (".", "..") or "/" in part or "\\" in part or "\x00" in part:
-        raise WorkspaceError(f"{part!r} cannot be used as a name in the workspace; use letters, digits, '.', '-', '_'")
-    return part
+    return check_name("name", part, WorkspaceError)
 
 
 class Workspace:
@@ -113,7 +112,9 @@ class Workspace:
                 if self.manifest_path.exists():
                     try:
                         disk = read_json(self.manifest_path)
-                    except ConceptEvoError:
+                        if isinstance(disk, dict):
+                            _check_manifest(disk, self.manifest_path)
+                    except DamagedFileError:  # replaced by ours; an unreadable one (FileAccessError) stops here
                         disk = None
                 if isinstance(disk, dict) and isinstance(disk.get("stages"), dict):
                     stages = dict(disk["stages"])
@@ -290,38 +291,88 @@ class Workspace:
 
 
 class WorkspaceLock:
-    """An exclusive lock on a workspace (a file holding the owner's pid); detects stale locks."""
+    """An exclusive lock on a workspace, enforced by the operating system (``flock`` on ``STUDY/.lock``).
+
+    The lock file is never deleted (deleting it would let two processes lock
+    two different files of the same name); the holder writes its pid into it
+    for the "in use by process N" message and empties it when done. A process
+    that dies, SIGKILL included, loses the lock with it: a lock left by a dead
+    process never blocks anyone, whatever the file says.
+    """
 
     def __init__(self, path):
         self.file = Path(path) / ".lock"
+        self._fd: int | None = None
 
     def __enter__(self):
+        import fcntl
+
         self.file.parent.mkdir(parents=True, exist_ok=True)
-        for _ in range(2):
-            try:
-                fd = os.open(self.file, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-                os.write(fd, str(os.getpid()).encode())
-                os.close(fd)
-                removed = remove_orphan_temporaries(self.file.parent)
-                if removed:
-                    log.warning("removed %d temporary file(s) left by a process that was killed mid-write", removed)
-                return self
-            except FileExistsError:
-                try:
-                    pid = int(self.file.read_text().strip() or 0)
-                except (OSError, ValueError):
-                    pid = 0
-                if pid and _alive(pid):
-                    raise WorkspaceError(
-                        f"workspace {self.file.parent} is in use by process {pid}; wait for it to finish "
-                        f"(or, if it is gone, delete {self.file})"
-                    ) from None
-                log.warning("removing a stale lock left by process %s", pid)
-                self.file.unlink(missing_ok=True)
-        raise WorkspaceError(f"could not lock {self.file.parent}; delete {self.file} if no conceptevo process is running")
+        fd = os.open(self.file, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid = _read_pid(fd)
+            os.close(fd)
+            who = f"process {pid}" if pid else "another conceptevo process"
+            raise WorkspaceError(f"workspace {self.file.parent} is in use by {who}; wait for it to finish") from None
+        except BaseException:
+            os.close(fd)
+            raise
+        stale = _read_pid(fd)
+        if stale and stale != os.getpid():
+            log.info("taking over the lock of process %s, which is no longer running", stale)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd = fd
+        removed = remove_orphan_temporaries(self.file.parent)
+        if removed:
+            log.warning("removed %d temporary file(s) left by a process that was killed mid-write", removed)
+        return self
 
     def __exit__(self, *exc):
-        self.file.unlink(missing_ok=True)
+        import fcntl
+
+        fd, self._fd = self._fd, None
+        if fd is None:
+            return
+        try:
+            os.ftruncate(fd, 0)  # no pid: nobody holds it
+        except OSError:
+            pass
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+    @staticmethod
+    def holder(path) -> int | None:
+        """The pid holding the lock of workspace ``path`` (0 when it cannot be told), or None when it is free.
+
+        Probes the lock itself for a moment: do not call it while another
+        process may be trying to take the lock (it would be refused).
+        """
+        import fcntl
+
+        file = Path(path) / ".lock"
+        try:
+            fd = os.open(file, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        except FileNotFoundError:
+            return None
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return _read_pid(fd)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            return None
+        finally:
+            os.close(fd)
+
+
+def _read_pid(fd: int) -> int:
+    try:
+        return int(os.pread(fd, 32, 0).decode("ascii", "replace").strip() or 0)
+    except (OSError, ValueError):
+        return 0
 
 
 def _bad_manifest(path, what: str) -> DamagedFileError:
@@ -339,24 +390,31 @@ def _check_manifest(m: dict, path) -> None:
     need(isinstance(stages, dict), "'stages' is not an object")
     for name, rec in stages.items():
         need(isinstance(rec, dict) and isinstance(rec.get("key"), str), f"stage {name!r} has no record with a string 'key'")
+        need(isinstance(rec.get("params", {}), dict), f"stage {name!r} has 'params' that are not an object")
+        need(isinstance(rec.get("file", ""), str), f"stage {name!r} has a 'file' that is not a string")
     need(isinstance(m.get("config", {}), dict), "'config' is not an object")
     models = m.get("models", {})
     need(isinstance(models, dict), "'models' is not an object")
     for name, info in models.items():
+        problem = name_problem(name)
+        need(problem is None, f"model name {name!r} {problem}")
         need(isinstance(info, dict) and isinstance(info.get("checkpoints"), list), f"model {name!r} lists no 'checkpoints'")
         need(isinstance(info.get("arch", ""), str) and isinstance(info.get("options", {}), dict),
              f"model {name!r} has a bad 'arch' or 'options'")
         for row in info["checkpoints"]:
-            need(isinstance(row, dict) and isinstance(row.get("tag"), str) and isinstance(row.get("path"), str)
-                 and isinstance(row.get("metrics", {}), dict), f"a checkpoint of model {name!r} lacks a string 'tag' or 'path'")
+            problem = checkpoint_problem(row)
+            need(problem is None, f"a checkpoint of model {name!r} {problem}")
+        dup = duplicate_tag(info["checkpoints"])
+        need(dup is None, f"model {name!r} has two checkpoints tagged {dup!r}, so no command could tell them apart")
     base = m.get("base")
     if base is not None:
         need(isinstance(base, dict) and isinstance(base.get("model"), str) and isinstance(base.get("tag"), str),
              "'base' is not an object with string 'model' and 'tag'")
-    need(isinstance(m.get("data", {}), dict), "'data' is not an object")
+        need(base["tag"] in [r["tag"] for r in models.get(base["model"], {}).get("checkpoints", [])],
+             f"the base checkpoint {base['model']} {base['tag']} is not among the models' checkpoints")
+    data = m.get("data", {})
+    need(isinstance(data, dict), "'data' is not an object")
+    for key in ("pool", "num_images"):
+        need(data.get(key) is None or (isinstance(data[key], int) and not isinstance(data[key], bool) and data[key] >= 0),
+             f"'data' has {key} {data.get(key)!r}, not an integer >= 0")
 
-
-def _alive(pid: int) -> bool:
-    from .io import _pid_alive
-
-    return _pid_alive(pid)

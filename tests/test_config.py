@@ -73,7 +73,7 @@ def test_lock_and_stale_lock(tmp_path):
         with pytest.raises(WorkspaceError, match="in use by process"):
             with WorkspaceLock(tmp_path):
                 pass
-    assert not (tmp_path / ".lock").exists()
+    assert WorkspaceLock.holder(tmp_path) is None and (tmp_path / ".lock").read_text() == ""
     # a lock left by a process that no longer exists is taken over
     pid = os.fork()
     if pid == 0:
@@ -81,7 +81,8 @@ def test_lock_and_stale_lock(tmp_path):
     os.waitpid(pid, 0)
     (tmp_path / ".lock").write_text(str(pid))
     with WorkspaceLock(tmp_path):
-        assert (tmp_path / ".lock").read_text() == str(os.getpid())
+        assert (tmp_path / ".lock").read_text().strip() == str(os.getpid())
+        assert WorkspaceLock.holder(tmp_path) == os.getpid()
 
 
 def test_concurrent_writers_keep_each_others_stage_records(tmp_path):

@@ -2,11 +2,14 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import http.client
 import io
 import json
 import os
 import re
+import shutil
+import sys
 import threading
 from pathlib import Path
 
@@ -267,6 +270,163 @@ def test_port_errors(ws, data):
         r.close()
 
 
+# ------------------------------------------------------------------------------ arrays read once
+_NPY_OPENS: dict = {"on": False, "paths": []}
+
+
+def _audit(event, args):  # installed once (audit hooks cannot be removed); records only while a test asks
+    if _NPY_OPENS["on"] and event == "open" and isinstance(args[0], (str, os.PathLike)) and str(args[0]).endswith(".npy"):
+        _NPY_OPENS["paths"].append(str(args[0]))
+
+
+sys.addaudithook(_audit)
+
+
+@contextlib.contextmanager
+def npy_opens():
+    """Every .npy file opened (by anything: numpy, conceptevo, a memory map) inside the block."""
+    _NPY_OPENS["paths"] = []
+    _NPY_OPENS["on"] = True
+    try:
+        yield _NPY_OPENS["paths"]
+    finally:
+        _NPY_OPENS["on"] = False
+
+
+def test_server_reads_each_array_once_and_again_when_the_manifest_changes(ws, tmp_path):
+    """After a first request for each thing, the server answers from memory: 5 more rounds of every route open no
+    .npy file. A new manifest (a stage finished) makes it read the workspace again, once."""
+    from conceptevo.workspace import Workspace
+
+    shutil.copytree(ws.path, tmp_path / "study")
+    w = Workspace(tmp_path / "study")
+    r = Running(make_server(w, port=0, kmeans=3))
+    try:
+        ids = w.stimuli("vgg", "e1").neuron_ids[::7]
+        paths = ["/data/meta.js", "/data/stim-0-1.js", "/data/ck-1-2.js", "/files/patches/vgg/e1/sheet-000.png"]
+        for m, t in (("vgg", "e1"), ("resnet", "e2")):
+            for nid in (ids if m == "vgg" else w.stimuli(m, t).neuron_ids[::9]):
+                q = f"model={m}&tag={t}&id={nid}"
+                paths += [f"/api/neuron?{q}", f"/api/patches.png?{q}", f"/api/nearest?{q}&k=3"]
+        assert {p: r.request(p)[0] for p in paths} == {p: 200 for p in paths}
+        with npy_opens() as opened:
+            for _ in range(5):
+                for p in paths:
+                    assert r.request(p)[0] == 200, p
+        assert opened == [], f"{len(opened)} .npy reads for {5 * len(paths)} requests: {sorted(set(opened))[:3]}"
+        before = r.server.data
+        w.finish("touched", "k")  # the manifest changes
+        with npy_opens() as opened:
+            for p in paths:
+                assert r.request(p)[0] == 200, p
+        assert opened and r.server.data is not before
+        with npy_opens() as opened:
+            for p in paths:
+                assert r.request(p)[0] == 200, p
+        assert opened == []
+    finally:
+        r.close()
+
+
+def test_resource_failures_are_503_not_damaged(server, monkeypatch):
+    from conceptevo.errors import FileAccessError
+
+    def out_of_files(*args):
+        raise FileAccessError("cannot read x.npy: this process has too many open files; ...")
+
+    monkeypatch.setattr(ExplorerData, "stimuli", out_of_files)
+    status, headers, body = server.request("/api/neuron?model=vgg&tag=e2&id=features.0:1")
+    assert status == 503 and headers.get("Retry-After") == "1" and b"too many open files" in body
+
+
+# ------------------------------------------------------------------------------ names, links, numbers, HTTP/0.9
+@pytest.fixture(scope="module")
+def odd_ws(tmp_path_factory):
+    """A study whose model and checkpoint names use what the name rule allows beyond [A-Za-z0-9._-]."""
+    return fabricated.shared(tmp_path_factory, name="odd", importance=False, models=[("vgg net #1", "vgg_like")],
+                             tags=[("epoch=0 (a)", 0.5), ("epoch=1 + é", 1.0)])
+
+
+def test_sheets_of_any_valid_name_are_served_and_exported(odd_ws, tmp_path):
+    from urllib.parse import unquote, urlencode
+
+    data = ExplorerData(odd_ws, kmeans=2)
+    r = Running(make_server(odd_ws, port=0, data=data))
+    try:
+        status, _, body = r.request("/data/meta.js")
+        meta = script_obj(body, "meta")
+        [model] = meta["models"]
+        assert model["name"] == "vgg net #1"
+        sheets = [u for c in model["checkpoints"] for u in c["patches"]["sheets"]]
+        assert len(sheets) >= 2
+        for url in sheets:
+            status, headers, body = r.request("/" + url)
+            assert status == 200 and body[:4] == b"\x89PNG", url
+        nid = odd_ws.stimuli("vgg net #1", "epoch=1 + é").neuron_ids[0]
+        q = urlencode({"model": "vgg net #1", "tag": "epoch=1 + é", "id": nid})
+        assert r.request(f"/api/patches.png?{q}")[0] == 200
+        assert r.request(f"/api/neuron?{q}")[0] == 200
+    finally:
+        r.close()
+    index = export_site(odd_ws, tmp_path / "site", data=data)
+    for url in sheets:  # a file:// URL names the file with its percent-encoding undone
+        assert (index.parent / unquote(url)).is_file(), url
+
+
+@pytest.mark.parametrize("name", ["a:b", "a,b", "50%", ".hidden", " padded", "a/b", "tab\there", "x" * 201])
+def test_names_outside_the_rule_are_refused_where_they_enter(tmp_path, name):
+    from conceptevo.config import ModelConfig
+    from conceptevo.errors import CheckpointError
+    from conceptevo.models import list_checkpoints
+
+    with pytest.raises(ConceptEvoError, match="model name"):
+        ModelConfig(name=name, arch="vgg_like", checkpoints="x").validate()
+    if "/" not in name and len(name) < 200:
+        (tmp_path / f"{name}.pt").write_bytes(b"")
+        with pytest.raises(CheckpointError, match="checkpoint tag"):
+            list_checkpoints(tmp_path)
+
+
+def test_symlinks_to_other_workspace_files_are_404(server, ws):
+    """Only patches/ and figures/ are served: a link inside them to any other file, in the workspace or not, is not followed."""
+    made_figures = not (ws.path / "figures").exists()
+    (ws.path / "figures").mkdir(exist_ok=True)
+    links = {ws.path / "patches" / "leak.json": ws.path / "manifest.json",
+             ws.path / "patches" / "vgg" / "ids.json": ws.path / "stimuli" / "vgg" / "e1" / "neurons.json",
+             ws.path / "figures" / "sheet.png": ws.path / "patches" / "vgg" / "e1" / "sheet-000.png"}
+    try:
+        for link, target in links.items():
+            link.symlink_to(target)
+        for link in links:
+            status, _, body = server.request("/files/" + link.relative_to(ws.path).as_posix())
+            assert status == 404 and b"conceptevo-workspace" not in body and b"neuron_ids" not in body, link
+    finally:
+        for link in links:
+            link.unlink(missing_ok=True)
+        if made_figures:
+            (ws.path / "figures").rmdir()
+
+
+@pytest.mark.parametrize("k", ["%C2%B2", "%EF%BC%95", "%D9%A3", "+5", "5.0", "05%00"])
+def test_k_must_be_ascii_digits(server, k):
+    status, obj = server.json(f"/api/nearest?model=vgg&tag=e1&id=features.0:1&k={k}")
+    assert status == 400 and "'k'" in obj["error"], obj
+
+
+def test_http_0_9_is_refused_with_a_status_line(server):
+    import socket
+
+    for request in (b"GET /\r\n", b"GET /\r\n\r\n", b"POST /\r\n"):
+        with socket.create_connection((server.host, server.port), timeout=10) as sock:
+            sock.sendall(request)
+            reply = b""
+            while chunk := sock.recv(65536):
+                reply += chunk
+        first = reply.split(b"\r\n", 1)[0]
+        assert first.startswith(b"HTTP/1.") and b" 400 " in first + b" ", (request, reply[:80])
+        assert b"<html" not in reply.lower()
+
+
 # ------------------------------------------------------------------------------ static export
 def test_export_is_self_contained(ws, data, tmp_path):
     out = tmp_path / "site"
@@ -285,6 +445,21 @@ def test_export_is_self_contained(ws, data, tmp_path):
     (tmp_path / "other" / "keep.txt").write_text("x")
     with pytest.raises(ConceptEvoError, match="not empty"):
         export_site(ws, tmp_path / "other", data=data)
+
+
+@pytest.mark.parametrize("umask, file_mode, dir_mode", [(0o022, 0o644, 0o755), (0o077, 0o600, 0o700)])
+def test_export_follows_the_umask(ws, data, tmp_path, umask, file_mode, dir_mode):
+    """Under umask 022 another user (a web server) can read every file of the site; under 077 nobody else can."""
+    old = os.umask(umask)
+    try:
+        export_site(ws, tmp_path / "site", data=data)
+    finally:
+        os.umask(old)
+    paths = list((tmp_path / "site").rglob("*"))
+    assert any(p.name == "index.html" for p in paths) and any(p.suffix == ".js" for p in paths)
+    wrong = [(p.name, oct(p.stat().st_mode & 0o777)) for p in paths
+             if p.stat().st_mode & 0o777 != (file_mode if p.is_file() else dir_mode)]
+    assert wrong == []
 
 
 # ------------------------------------------------------------------------------ in a real browser

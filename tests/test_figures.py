@@ -14,7 +14,7 @@ from conceptevo.errors import ConceptEvoError, WorkspaceError
 from conceptevo.explorer.cli import add_commands
 from conceptevo.report import make_figures, plot_neuron_evolution, plot_neuron_groups, plot_space_grid
 from conceptevo.report import analysis
-from conceptevo.workspace import Workspace
+from conceptevo.workspace import Workspace, WorkspaceLock
 
 
 pytestmark = pytest.mark.usefixtures("one_thread_module")  # tiny models: one torch thread
@@ -88,7 +88,7 @@ def test_cli_patches_then_figures(ws, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "evolution.png" in out and (copy / "figures" / "groups.png").exists()
     assert Workspace(copy).stage("patches/resnet/e1") is not None  # figures computed the missing patches first
-    assert not (copy / ".lock").exists()
+    assert WorkspaceLock.holder(copy) is None  # released
 
 
 def test_cli_argument_errors():

@@ -11,6 +11,7 @@ with :func:`indexed`, and its position becomes the index.
 from __future__ import annotations
 
 import hashlib
+import logging
 from typing import Sequence
 
 import numpy as np
@@ -18,6 +19,8 @@ import torch
 from torch.utils.data import Dataset
 
 from ..errors import DatasetError
+
+log = logging.getLogger(__name__)
 
 
 class ImageDataset(Dataset):
@@ -116,6 +119,8 @@ def indexed(dataset: Dataset) -> Dataset:
 def sample_pool(dataset: ImageDataset, size: int | None, seed: int = 0, per_class: bool = True) -> ImageDataset:
     """A seeded subset of ``size`` images (class-balanced when ``per_class``); all when size is None."""
     n = len(dataset)
+    if size is not None and size > n:
+        log.warning("a pool of %d images was asked for but the dataset has %d; the pool is all %d", size, n, n)
     if size is None or size >= n:
         return dataset
     if size <= 0:

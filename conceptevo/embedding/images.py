@@ -57,7 +57,7 @@ import numpy as np
 import scipy.sparse as sp
 from tqdm.auto import tqdm
 
-from ..errors import ConceptEvoError, check_positive
+from ..errors import ConceptEvoError, check_memory, check_positive
 from ..io import load_npy, read_json, save_npy, write_json
 from ._util import check_int, check_nonnegative, make_rng, stimuli_arrays
 from .pairs import check_indices, stimulus_memberships
@@ -338,6 +338,10 @@ def embed_images(stimuli, neuron_embedding, num_images: int | None = None, metho
         raise ConceptEvoError("the stimuli list no images; find stimuli before embedding images")
     if rows.size < len(ids):
         log.info("%d neurons have no stimulus image and are left out of J2", len(ids) - rows.size)
+    dim = B.shape[1]
+    # the solver's float64 arrays (about 3 per covered image, 2 per neuron) and the float32 result
+    check_memory(dim * (8.0 * (3 * images.size + 2 * rows.size) + 4.0 * num_images),
+                 f"an image embedding of {num_images} images in dim={dim}", "lower the embedding's dim (the paper uses 30)")
     Bn = B[rows]
     if method == "lstsq":
         cap = 20 * min(A.shape) + 100 if max_iter is None else max_iter

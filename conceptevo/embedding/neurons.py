@@ -38,7 +38,7 @@ import numpy as np
 from numba import njit
 from tqdm.auto import tqdm
 
-from ..errors import ConceptEvoError, check_positive, suggest
+from ..errors import ConceptEvoError, check_memory, check_positive, suggest
 from ..io import load_npy, read_json, save_npy, write_json
 from ._util import check_int, check_nonnegative, make_rng, stimuli_arrays
 from .pairs import _ImageGroups, check_indices, stimulus_memberships
@@ -354,6 +354,8 @@ def _prepare(stimuli, dim, seed):
     if lonely:
         log.info("%d of %d neurons share no stimulus image with another neuron; they keep their random "
                  "initial vectors", lonely, len(ids))
+    check_memory(len(ids) * dim * 12.0, f"a neuron embedding of {len(ids)} neurons in dim={dim}",
+                 "lower dim (the paper uses 30)")  # the float64 draw and the float32 vectors
     rng = make_rng(seed)
     vectors = rng.uniform(-0.5, 0.5, size=(len(ids), dim)).astype(np.float32)
     return ids, _ImageGroups(neurons, images), num_pairs, rng, vectors

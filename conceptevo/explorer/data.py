@@ -16,9 +16,11 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import os
 import re
 import threading
 from pathlib import Path
+from urllib.parse import quote
 
 import numpy as np
 
@@ -35,6 +37,24 @@ def b64(a: np.ndarray, dtype) -> str:
     return base64.b64encode(np.ascontiguousarray(np.asarray(a), dtype=np.dtype(dtype).newbyteorder("<")).tobytes()).decode("ascii")
 
 
+def manifest_signature(path) -> tuple | None:
+    """What tells one version of ``manifest.json`` from another without reading it: inode, size, modification time."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def file_url(*parts: str) -> str:
+    """A relative URL to a workspace file (``files/patches/MODEL/TAG/sheet``), each part percent-encoded.
+
+    Model names and tags may hold spaces, ``#``, ``?``... (see :mod:`conceptevo.records`);
+    encoded, the URL names the file over HTTP and from ``file://`` alike.
+    """
+    return "/".join(quote(p, safe="") for p in ("files", *parts))
+
+
 def _hint(ws, public: bool, what: str) -> str:
     w = "WORKSPACE" if public else str(ws.path)
     return {
@@ -48,13 +68,20 @@ def _hint(ws, public: bool, what: str) -> str:
 
 
 class ExplorerData:
-    """Everything the page shows, computed once from a workspace and cached (thread-safe)."""
+    """Everything the page shows, computed once from a workspace and cached (thread-safe).
+
+    Arrays are read from the workspace once (at construction, or at the first
+    request that needs them) and then served from memory: no request reads or
+    parses a ``.npy`` file again. ``signature`` identifies the manifest this
+    was read from; :meth:`reloaded` reads the workspace again.
+    """
 
     def __init__(self, ws, kmeans: int = 8, seed: int = 0, public: bool = False):
         from ..patches import PatchStore
 
         if isinstance(kmeans, bool) or not isinstance(kmeans, int) or not 1 <= kmeans <= 64:
             raise ConceptEvoError(f"kmeans (the number of groups) must be an integer in 1..64, got {kmeans!r}")
+        self.signature = manifest_signature(ws.manifest_path)  # before reading: a change meanwhile is seen later
         self.ws = ws
         self.public = public  # for a shared export: no local paths in the data
         self.kmeans = kmeans
@@ -62,8 +89,10 @@ class ExplorerData:
         self.store = PatchStore(ws)
         self._lock = threading.RLock()
         self._scripts: dict[str, bytes] = {}
+        self._arrays: dict[tuple, object] = {}
         self.models = list(ws.models)
         self.tags = {m: ws.tags(m) for m in self.models}
+        self.times = {m: analysis.checkpoint_times(ws, m) for m in self.models}
         self.ids = {}
         for m in self.models:
             ids = None
@@ -97,6 +126,28 @@ class ExplorerData:
         if r is None:
             raise KeyError(f"model {model!r} has no neuron {nid!r}")
         return r
+
+    def reloaded(self) -> "ExplorerData":
+        """The same view (groups, seed, public) of the workspace as it is on disk now."""
+        from ..workspace import Workspace
+
+        return ExplorerData(Workspace(self.ws.path), kmeans=self.kmeans, seed=self.seed, public=self.public)
+
+    def _once(self, key: tuple, load):
+        with self._lock:
+            if key in self._arrays:
+                return self._arrays[key]
+        value = load()  # outside the lock: a slow read does not hold up other requests
+        with self._lock:
+            return self._arrays.setdefault(key, value)
+
+    def stimuli(self, model: str, tag: str):
+        """A checkpoint's stimuli, read into memory once (a memory map would hold a file descriptor per array)."""
+        return self._once(("stimuli", model, tag), lambda: self.ws.stimuli(model, tag, mmap=False))
+
+    def boxes(self, model: str, tag: str) -> np.ndarray:
+        """A checkpoint's patch boxes ``[neurons, k, 4]``, read into memory once."""
+        return self._once(("boxes", model, tag), lambda: np.array(self.store.boxes(model, tag)))
 
     def importance_result(self, j: int):
         with self._lock:
@@ -138,7 +189,7 @@ class ExplorerData:
             ids = self.ids[m]
             layer_names, layer_of = analysis.layer_index(ids) if ids else ([], np.zeros(0, np.int32))
             cks = ws.checkpoints(m)
-            times = analysis.checkpoint_times(ws, m)
+            times = self.times[m]
             xs = [v for t in self.tags[m] if (v := self.layouts.get((m, t))) is not None]
             allxy = np.concatenate(xs) if xs else np.zeros((0, 2), np.float32)
             allxy = allxy[np.isfinite(allxy).all(1)]
@@ -152,7 +203,7 @@ class ExplorerData:
                 if self.store.has(m, t):
                     idx = self.store.index(m, t)
                     rec["patches"] = {"geometry": idx["geometry"],
-                                      "sheets": [f"files/patches/{m}/{t}/{s}" for s in idx["sheets"]]}
+                                      "sheets": [file_url("patches", m, t, s) for s in idx["sheets"]]}
                 ck_list.append(rec)
             models.append({
                 "name": m, "arch": ws.manifest.get("models", {}).get(m, {}).get("arch"), "n": len(ids), "ids": ids,
@@ -162,7 +213,7 @@ class ExplorerData:
         images = None
         if self.store.has_images:
             ii = self.store.images_index
-            images = {"geometry": ii["geometry"], "sheets": [f"files/patches/images/{s}" for s in ii["sheets"]],
+            images = {"geometry": ii["geometry"], "sheets": [file_url("patches", "images", s) for s in ii["sheets"]],
                       "indices": b64(self.store.image_indices, np.int32), "labels": b64(self.store.image_labels, np.int32),
                       "classes": ii.get("classes", []), "shape": ii.get("image_shape")}
         classes = images["classes"] if images else []
@@ -206,11 +257,11 @@ class ExplorerData:
         t = self.tags[m][ti]
         if self.ws.stage(f"stimuli/{m}/{t}") is None:
             return {"model": m, "tag": t, "k": 0, "indices": None}
-        s = self.ws.stimuli(m, t)
+        s = self.stimuli(m, t)
         out = {"model": m, "tag": t, "k": int(s.k), "indices": b64(s.indices, np.int32), "values": b64(s.values, np.float32),
                "boxes": None}
         if self.store.has(m, t):
-            out["boxes"] = b64(self.store.boxes(m, t), np.int32)
+            out["boxes"] = b64(self.boxes(m, t), np.int32)
         return out
 
     def importance_payload(self, j: int) -> dict:

@@ -1,12 +1,21 @@
 """The explorer's local web server: the page, its data scripts, the workspace's patch sheets, a small JSON API.
 
-Standard library only (``http.server.ThreadingHTTPServer``). Bound to
-127.0.0.1 unless told otherwise. Only GET and HEAD; only files of the
-workspace's ``patches/`` and ``figures/`` folders are ever read from disk, and
-only after the decoded path has been checked segment by segment and resolved
-inside the workspace: ``..``, absolute paths, backslashes, NUL bytes and their
+Standard library only. Bound to 127.0.0.1 unless told otherwise. Only GET and
+HEAD; only files of the workspace's ``patches/`` and ``figures/`` folders are
+ever read from disk, and only after the decoded path has been checked segment
+by segment (each a valid name, :mod:`conceptevo.records`) and resolved inside
+that folder (a symbolic link out of it, even to another workspace file, is not
+followed): ``..``, absolute paths, backslashes, NUL bytes and their
 percent-encoded forms all get 404. Malformed query parameters get 400 with a
-message; long request lines 414; request bodies are refused.
+message; long request lines 414; request bodies and HTTP/0.9 are refused.
+
+Connections are served by a fixed pool of threads with header and idle
+timeouts and a cap on open connections (:mod:`conceptevo.explorer.pool`), so
+idle or slow clients cannot use up the server's threads or file descriptors.
+The workspace's arrays are read once (:class:`~conceptevo.explorer.data.ExplorerData`)
+and served from memory; when ``manifest.json`` changes (a stage finished or
+was redone), the data is read again. A file that cannot be read for lack of
+resources (too many open files...) gets 503 with the reason, never "damaged".
 
 API (all GET, JSON unless noted):
 
@@ -19,26 +28,31 @@ API (all GET, JSON unless noted):
 """
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import posixpath
 import re
 import threading
+import time
+from collections import OrderedDict
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
 from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlencode, urlsplit
 
 import numpy as np
 
-from ..errors import ConceptEvoError
-from .data import FILE_ROOTS, KEY_RE, ExplorerData
+from ..errors import ConceptEvoError, FileAccessError
+from ..records import is_valid_name
+from .data import FILE_ROOTS, KEY_RE, ExplorerData, manifest_signature
+from .pool import BoundedHTTPServer, OneRequestHandler
 
 log = logging.getLogger(__name__)
 
 MAX_URL = 4096
-SEGMENT_RE = re.compile(r"^[A-Za-z0-9._-]{1,200}$")
+K_RE = re.compile(r"[0-9]{1,3}")  # ASCII digits only ('²' and '５' are digits to str.isdigit)
+FILE_CACHE_BYTES = 64 * 2**20      # served workspace files kept in memory (no descriptor per request)
 FILE_TYPES = {".png": "image/png", ".pdf": "application/pdf", ".svg": "image/svg+xml", ".json": "application/json"}
 LOOPBACK = {"127.0.0.1", "localhost", "::1", "[::1]"}
 CSP = ("default-src 'none'; script-src 'self' 'unsafe-inline'; style-src 'unsafe-inline'; img-src 'self' data: blob:; "
@@ -62,8 +76,10 @@ def safe_relative(path: str) -> Path:
     """Validate a URL path below a route (already split off); return it as a relative Path or raise NotFound.
 
     The path is percent-decoded once; any remaining '%' (double encoding), a
-    backslash, NUL, an empty/'.'/'..' segment, a leading '/' or a character
-    outside [A-Za-z0-9._-] in a segment means 404.
+    backslash, NUL, a leading '/', or a segment that is not a valid name
+    (:func:`conceptevo.records.is_valid_name`: so no empty, '.' or '..' segment)
+    means 404. Model names and checkpoint tags follow the same rule, so every
+    workspace file the page may load passes.
     """
     try:
         decoded = unquote(path, errors="strict")
@@ -73,27 +89,49 @@ def safe_relative(path: str) -> Path:
         raise NotFound("not found")
     parts = decoded.split("/")
     for part in parts:
-        if part in ("", ".", "..") or not SEGMENT_RE.match(part):
+        if not is_valid_name(part):
             raise NotFound("not found")
     if posixpath.normpath(decoded) != decoded:
         raise NotFound("not found")
     return Path(*parts)
 
 
-class ExplorerServer(ThreadingHTTPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-    request_queue_size = 64
+class ExplorerServer(BoundedHTTPServer):
+    """The explorer over one workspace (see the module docstring); ``max_connections``: see BoundedHTTPServer."""
 
-    def __init__(self, address, data: ExplorerData):
-        self.data = data
+    def __init__(self, address, data: ExplorerData, max_connections: int | None = None):
+        self._data = data
+        self._reload_lock = threading.Lock()
+        self._retry_at = 0.0
         self.root = Path(data.ws.path).resolve()
         self.page = page_html()
         self.allowed_hosts = set(LOOPBACK)
-        super().__init__(address, ExplorerHandler)
+        self.files = _FileCache(FILE_CACHE_BYTES)
+        super().__init__(address, ExplorerHandler, max_connections=max_connections)
         host = address[0]
         self.open_host = host in ("", "0.0.0.0", "::")
         self.allowed_hosts.add(host)
+
+    @property
+    def data(self) -> ExplorerData:
+        """The workspace's data, read again first when its manifest changed since it was read."""
+        data = self._data
+        if manifest_signature(data.ws.manifest_path) == data.signature or time.monotonic() < self._retry_at:
+            return data
+        if not self._reload_lock.acquire(blocking=False):
+            return data  # another request is reading it again: this one is answered from what is loaded
+        try:
+            data = self._data
+            if manifest_signature(data.ws.manifest_path) != data.signature:
+                try:
+                    data = self._data = data.reloaded()
+                    log.info("explorer: the workspace changed; its data was read again")
+                except ConceptEvoError as e:
+                    self._retry_at = time.monotonic() + 5.0
+                    log.warning("explorer: the workspace changed but cannot be read again (%s); serving what was loaded", e)
+            return data
+        finally:
+            self._reload_lock.release()
 
     @property
     def url(self) -> str:
@@ -102,18 +140,44 @@ class ExplorerServer(ThreadingHTTPServer):
         return f"http://{shown}:{port}/"
 
 
-class ExplorerHandler(BaseHTTPRequestHandler):
+class _FileCache:
+    """Workspace files served from memory (LRU, ``limit`` bytes), keyed by path and the file's identity and age."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self._lock = threading.Lock()
+        self._items: OrderedDict[tuple, bytes] = OrderedDict()
+        self._bytes = 0
+
+    def read(self, path: Path, st) -> bytes:
+        key = (str(path), st.st_ino, st.st_size, st.st_mtime_ns)
+        with self._lock:
+            body = self._items.get(key)
+            if body is not None:
+                self._items.move_to_end(key)
+                return body
+        body = path.read_bytes()
+        if len(body) <= self.limit // 4:
+            with self._lock:
+                if key not in self._items:
+                    self._items[key] = body
+                    self._bytes += len(body)
+                while self._bytes > self.limit:
+                    _, old = self._items.popitem(last=False)
+                    self._bytes -= len(old)
+        return body
+
+
+class ExplorerHandler(OneRequestHandler):
     server: ExplorerServer
     server_version = "conceptevo-explorer"
     sys_version = ""
-    protocol_version = "HTTP/1.1"
-    timeout = 30
 
     # -- plumbing ----------------------------------------------------------------------------------
     def log_message(self, fmt, *args):  # noqa: D401 - route through logging, quietly
         log.debug("%s - %s", self.address_string(), fmt % args)
 
-    def _send(self, status: int, body: bytes, ctype: str, cache: str = "no-cache", head: bool = False):
+    def _send(self, status: int, body: bytes, ctype: str, cache: str = "no-cache", head: bool = False, extra=()):
         self.send_response(status)
         self.send_header("Content-Type", ctype)
         self.send_header("Content-Length", str(len(body)))
@@ -121,18 +185,22 @@ class ExplorerHandler(BaseHTTPRequestHandler):
         self.send_header("X-Content-Type-Options", "nosniff")
         self.send_header("Referrer-Policy", "no-referrer")
         self.send_header("Cross-Origin-Resource-Policy", "same-origin")
+        for k, v in extra:
+            self.send_header(k, v)
         if ctype.startswith("text/html"):
             self.send_header("Content-Security-Policy", CSP)
             self.send_header("X-Frame-Options", "DENY")
+        if self.close_connection:
+            self.send_header("Connection", "close")
         self.end_headers()
         if not head:
             self.wfile.write(body)
 
-    def _json(self, status: int, obj, head: bool = False):
-        self._send(status, (json.dumps(obj, allow_nan=False) + "\n").encode(), "application/json; charset=utf-8", head=head)
+    def _json(self, status: int, obj, head: bool = False, extra=()):
+        self._send(status, (json.dumps(obj, allow_nan=False) + "\n").encode(), "application/json; charset=utf-8", head=head, extra=extra)
 
-    def _error(self, status: int, message: str, head: bool = False):
-        self._json(status, {"error": message, "status": status}, head=head)
+    def _error(self, status: int, message: str, head: bool = False, extra=()):
+        self._json(status, {"error": message, "status": status}, head=head, extra=extra)
 
     def send_error(self, code, message=None, explain=None):  # errors raised by http.server itself (e.g. 414, 400)
         try:
@@ -164,6 +232,7 @@ class ExplorerHandler(BaseHTTPRequestHandler):
                 return self._error(400, "requests must not have a body")
             if not self._host_ok():
                 return self._error(403, "unexpected Host header; open the explorer through the address it printed")
+            self.data = self.server.data  # one snapshot of the workspace for the whole request
             self._route(head)
         except BadRequest as e:
             self._error(400, str(e), head)
@@ -171,6 +240,18 @@ class ExplorerHandler(BaseHTTPRequestHandler):
             self._error(404, str(e) or "not found", head)
         except (BrokenPipeError, ConnectionResetError):
             pass
+        except FileAccessError as e:  # too many open files, permission, disk: say so, and that it may pass
+            log.warning("explorer request %s: %s", self.path, e)
+            self._error(503, str(e), head, extra=[("Retry-After", "1")])
+        except OSError as e:
+            if e.errno not in (errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EACCES, errno.EIO):
+                raise
+            log.warning("explorer request %s: %s", self.path, e)
+            self._error(503, f"the server cannot read a file right now ({e.strerror}); retry in a moment", head,
+                        extra=[("Retry-After", "1")])
+        except ConceptEvoError as e:  # e.g. a damaged workspace file: the message names it and the fix
+            log.warning("explorer request %s: %s", self.path, e)
+            self._error(500, str(e), head)
         except Exception as e:  # never leak a traceback to the client
             log.exception("explorer request %s failed", self.path)
             try:
@@ -203,7 +284,7 @@ class ExplorerHandler(BaseHTTPRequestHandler):
             if not name.endswith(".js") or "/" in name or not KEY_RE.match(name[:-3]):
                 raise NotFound("not found")
             try:
-                body = self.server.data.script(name[:-3])
+                body = self.data.script(name[:-3])
             except KeyError as e:
                 raise NotFound(str(e).strip("'\"")) from None
             return self._send(200, body, "text/javascript; charset=utf-8", head=head)
@@ -219,9 +300,9 @@ class ExplorerHandler(BaseHTTPRequestHandler):
                 return self._json(200, self._neuron(q), head)
             if route == "patches.png":
                 model, tag, row = self._target(q, ("model", "tag", "id"))
-                if not self.server.data.store.has(model, tag):
+                if not self.data.store.has(model, tag):
                     raise NotFound(f"no example patches for {model} {tag}; compute them with `conceptevo patches WORKSPACE`")
-                return self._send(200, self.server.data.store.strip_png(model, tag, row), "image/png", head=head)
+                return self._send(200, self.data.store.strip_png(model, tag, row), "image/png", head=head)
             if route == "nearest":
                 return self._json(200, self._nearest(q), head)
             raise NotFound(f"no API route {route!r}; routes: info, neuron, patches.png, nearest")
@@ -230,14 +311,14 @@ class ExplorerHandler(BaseHTTPRequestHandler):
     def _file(self, rel: Path, head: bool):
         if rel.parts[0] not in FILE_ROOTS or rel.suffix.lower() not in FILE_TYPES:
             raise NotFound("not found")
-        root = self.server.root
-        full = (root / rel).resolve()
-        if not full.is_relative_to(root) or not full.is_file():
+        folder = self.server.root / rel.parts[0]  # patches/ or figures/ itself, not followed if it is a link
+        full = (self.server.root / rel).resolve()
+        if not full.is_relative_to(folder) or not full.is_file():
             raise NotFound("not found")
-        size = full.stat().st_size
-        if size > 256 * 2**20:
+        st = full.stat()
+        if st.st_size > 256 * 2**20:
             raise NotFound("not found")
-        self._send(200, full.read_bytes(), FILE_TYPES[rel.suffix.lower()], cache="max-age=60", head=head)
+        self._send(200, self.server.files.read(full, st), FILE_TYPES[rel.suffix.lower()], cache="max-age=60", head=head)
 
     # -- API helpers -------------------------------------------------------------------------------
     def _query(self, query: str) -> dict[str, str]:
@@ -271,7 +352,7 @@ class ExplorerHandler(BaseHTTPRequestHandler):
         for name in needed:
             if not q.get(name):
                 raise BadRequest(f"missing parameter {name!r}; expected {', '.join(needed)}")
-        d = self.server.data
+        d = self.data
         model, tag, nid = q["model"], q["tag"], q["id"]
         try:
             split_neuron_id(nid)
@@ -285,7 +366,7 @@ class ExplorerHandler(BaseHTTPRequestHandler):
             raise NotFound(str(e).strip("'\"")) from None
 
     def _info(self) -> dict:
-        d = self.server.data
+        d = self.data
         return {
             "workspace": str(d.ws.path), "base": d.ws.manifest.get("base"),
             "models": [{"name": m, "neurons": len(d.ids[m]), "checkpoints": d.tags[m]} for m in d.models],
@@ -295,7 +376,7 @@ class ExplorerHandler(BaseHTTPRequestHandler):
 
     def _neuron(self, q: dict) -> dict:
         model, tag, row = self._target(q, ("model", "tag", "id"))
-        d = self.server.data
+        d = self.data
         ws = d.ws
         fin = lambda x: float(x) if x is not None and np.isfinite(x) else None  # noqa: E731
         xy = d.layouts.get((model, tag))
@@ -307,31 +388,29 @@ class ExplorerHandler(BaseHTTPRequestHandler):
                "group": int(groups[row]) if groups is not None else None,
                "stimuli": None, "patches": None}
         if ws.stage(f"stimuli/{model}/{tag}") is not None:
-            s = ws.stimuli(model, tag)
+            s = d.stimuli(model, tag)
             out["stimuli"] = {"images": [int(i) for i in s.indices[row]], "strengths": [fin(v) for v in s.values[row]]}
             if d.store.has(model, tag):
-                out["stimuli"]["boxes"] = d.store.boxes(model, tag)[row].tolist()
+                out["stimuli"]["boxes"] = d.boxes(model, tag)[row].tolist()
                 out["patches"] = "/api/patches.png?" + urlencode({"model": model, "tag": tag, "id": q["id"]})
         return out
 
     def _nearest(self, q: dict) -> dict:
         model, tag, row = self._target(q, ("model", "tag", "id"), optional=("k",))
         k = q.get("k", "5")
-        if not k.isdigit() or not 1 <= int(k) <= 100:
-            raise BadRequest(f"parameter 'k' must be an integer in 1..100, got {k!r}")
+        if not K_RE.fullmatch(k) or not 1 <= int(k) <= 100:
+            raise BadRequest(f"parameter 'k' must be an integer in 1..100 (ASCII digits), got {k!r}")
         k = int(k)
-        d = self.server.data
+        d = self.data
         v = d.vectors.get((model, tag))
         if v is None or not np.isfinite(v[row]).all():
             raise NotFound(f"{model} {tag} has no vector for {q['id']}; the checkpoint is not projected onto the unified space")
-        from ..report.analysis import checkpoint_times
-
-        t_here = checkpoint_times(d.ws, model)[d.tag_index(model, tag)]
+        t_here = d.times[model][d.tag_index(model, tag)]
         out = []
         for m in d.models:
             if m == model:
                 continue
-            times = checkpoint_times(d.ws, m)
+            times = d.times[m]
             ti = int(np.argmin([abs(t - t_here) for t in times]))
             other = d.vectors.get((m, d.tags[m][ti]))
             if other is None:
@@ -345,13 +424,14 @@ class ExplorerHandler(BaseHTTPRequestHandler):
         return {"model": model, "tag": tag, "id": q["id"], "nearest": out}
 
 
-def make_server(ws, host: str = "127.0.0.1", port: int = 8000, kmeans: int = 8, data: ExplorerData | None = None) -> ExplorerServer:
+def make_server(ws, host: str = "127.0.0.1", port: int = 8000, kmeans: int = 8, data: ExplorerData | None = None,
+                max_connections: int | None = None) -> ExplorerServer:
     """Build (not start) the explorer server for a workspace; ``port=0`` picks a free port."""
     if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
         raise ConceptEvoError(f"port must be an integer in 0..65535, got {port!r}")
     data = data or ExplorerData(ws, kmeans=kmeans)
     try:
-        return ExplorerServer((host, port), data)
+        return ExplorerServer((host, port), data, max_connections=max_connections)
     except OSError as e:
         raise ConceptEvoError(f"cannot listen on {host}:{port} ({e.strerror or e}); choose another --port (0 picks a free one)") from None
 

@@ -27,6 +27,7 @@ from torch import nn
 
 from ..errors import CheckpointError
 from ..io import atomic_path, file_sha256, read_json, write_json
+from ..records import check_name, checkpoint_problem
 
 log = logging.getLogger(__name__)
 
@@ -417,7 +418,7 @@ def list_checkpoints(source) -> list[Checkpoint]:
         raise CheckpointError(f"checkpoint folder {folder} does not exist; train first (`conceptevo train`) or fix the path")
     index = folder / INDEX_FILE
     if index.exists():
-        cks = [Checkpoint.from_dict(d) for d in read_json(index)["checkpoints"]]
+        cks = [Checkpoint.from_dict(d) for d in _index_rows(index)]
         for c in cks:
             if not Path(c.path).is_absolute():
                 c.path = str(folder / c.path)
@@ -434,9 +435,23 @@ def _from_file(p: Path) -> Checkpoint:
     return Checkpoint(tag=tag, path=str(p), epoch=epoch, step=step)
 
 
+def _index_rows(index: Path) -> list[dict]:
+    """The rows of a ``checkpoints.json``, each checked (see :func:`conceptevo.records.checkpoint_problem`)."""
+    rows = read_json(index)
+    rows = rows.get("checkpoints") if isinstance(rows, dict) else None
+    if not isinstance(rows, list):
+        raise CheckpointError(f"{index} lists no 'checkpoints'; rewrite it, or remove it to list the folder's files")
+    for i, row in enumerate(rows):
+        problem = checkpoint_problem(row)
+        if problem is not None:
+            raise CheckpointError(f"{index}: checkpoint {i + 1} {problem}; correct it, or remove the file to list the folder's files")
+    return rows
+
+
 def _unique(cks: list[Checkpoint]) -> list[Checkpoint]:
     seen = set()
     for c in cks:
+        check_name("checkpoint tag", c.tag, CheckpointError, fix=f"rename {c.path} (its tag is its file name less the suffix)")
         if c.tag in seen:
             raise CheckpointError(f"two checkpoints share the tag {c.tag!r}; give each a distinct file name")
         seen.add(c.tag)

@@ -68,8 +68,8 @@ def layouts(ws) -> dict[tuple[str, str], np.ndarray | None]:
     out = {}
     for m in ws.models:
         for t in ws.tags(m):
-            p = ws.layout_path(m, t)
-            out[(m, t)] = np.asarray(np.load(p, allow_pickle=False), dtype=np.float32) if done and p.exists() else None
+            # through the workspace's reader: a damaged file is a one-line DamagedFileError naming it
+            out[(m, t)] = np.asarray(ws.layout(m, t), dtype=np.float32) if done and ws.layout_path(m, t).exists() else None
     return out
 
 
