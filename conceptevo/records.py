@@ -80,7 +80,8 @@ def checkpoint_problem(row) -> str | None:
     problem = name_problem(tag)
     if problem is not None:
         return f"has a tag {tag!r} that {problem}" if isinstance(tag, str) else "has no string 'tag'"
-    if not isinstance(row.get("path"), str) or not row["path"] or "\x00" in row["path"]:
+    # an empty path is a checkpoint known only from results in memory (Workspace.from_results): no file to load
+    if not isinstance(row.get("path"), str) or "\x00" in row["path"]:
         return f"(tag {tag!r}) has no file 'path'"
     epoch = row.get("epoch")
     if epoch is not None and not (_number(epoch) and epoch >= 0):

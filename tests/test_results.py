@@ -153,3 +153,11 @@ def test_the_embedding_must_be_the_bases(results, tmp_path):
     with pytest.raises(ConceptEvoError, match="not those of the base stimuli"):
         ce.Workspace.from_results(tmp_path / "w", results["stim"], wrong, results["img"], base=("cnn", "e3"),
                                   dataset=results["pool"], models=results["models"])
+
+
+def test_a_checkpoint_without_a_file_says_where_it_came_from():
+    from conceptevo.errors import CheckpointError
+    from conceptevo.models import load_checkpoint
+
+    with pytest.raises(CheckpointError, match="built from results in memory"):
+        load_checkpoint("", torch.nn.Linear(2, 2))

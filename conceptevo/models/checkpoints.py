@@ -279,6 +279,9 @@ def load_checkpoint(path, model: nn.Module, trust: bool = False, strict: bool = 
     for the usual layouts). ``prefix``: the key prefix to strip
     (``"model."``; found by itself when one prefix makes the keys fit).
     """
+    if not str(path):
+        raise CheckpointError("this checkpoint has no file: its workspace was built from results in memory "
+                              "(Workspace.from_results); pass the loaded models to the Python API instead")
     path = Path(path)
     state = extract_state_dict(_read_state(path, trust), path, key=key)
     state, stripped = fit_state_dict(state, model, prefix=prefix, path=path)
