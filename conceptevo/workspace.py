@@ -252,10 +252,29 @@ class Workspace:
         return xy
 
     def dataset(self, split: str = "train"):
-        """The study's dataset, opened as the config names it."""
+        """The study's training or test split, opened (and preprocessed) as the config names it.
+
+        With a held-out test split the positions of this dataset are not image
+        indices: to look an image up by its index (as stimuli record it), use :meth:`images`.
+        """
         from .pipeline import open_study_dataset
 
-        return open_study_dataset(self.config, split)
+        ds = open_study_dataset(self.config, split)
+        held = self.manifest.get("data", {}).get("holdout")
+        if held and split == "test":
+            from .io import hash_json
+
+            if hash_json(np.asarray(ds.indices).tolist()) != held.get("key"):
+                raise WorkspaceError(
+                    f"the held-out images of {self.path} differ from the ones recorded in data/heldout.npy "
+                    "(the image folder changed since the study ran); rerun `conceptevo run` into a new folder")
+        return ds
+
+    def images(self):
+        """Every training image, by image index (the positions stimuli, patches and embeddings refer to)."""
+        from .pipeline import open_study_images
+
+        return open_study_images(self.config)
 
     def summary(self) -> str:
         lines = [f"workspace {self.path}"]
@@ -264,6 +283,12 @@ class Workspace:
             lines.append(f"  model {m}: {len(tags)} checkpoints ({', '.join(tags)})")
         if self.manifest.get("base"):
             lines.append(f"  base: {self.base[0]} {self.base[1]}")
+        sanity = self.manifest.get("sanity") if isinstance(self.manifest.get("sanity"), dict) else {}
+        for m in self.models:
+            rec = sanity.get(m)
+            if isinstance(rec, dict) and isinstance(rec.get("top1"), (int, float)):
+                lines.append(f"  {m} {rec.get('tag', 'last')}: top-1 {rec['top1']:.3f} on {rec.get('images')} "
+                             f"pool images (chance {rec.get('chance', float('nan')):.3f})")
         rec = self.stage("embedding/images")
         if rec and isinstance(rec.get("rmse"), (int, float)):
             lines.append(f"  image embedding RMSE {rec['rmse']:.4f}")
