@@ -37,6 +37,9 @@ class DataConfig:
         _check_seed("data.seed", self.seed)
         if self.holdout is not None and not 0 < self.holdout < 1:
             raise ConceptEvoError(f"data.holdout must be a fraction between 0 and 1 (e.g. 0.2), got {self.holdout!r}")
+        if self.transform is not None and (not self.transform or ":" not in self.transform.strip(":")):
+            raise ConceptEvoError(f"data.transform must name a callable as 'package.module:name' or 'path/to/file.py:name', "
+                                  f"got {self.transform!r}")
         if self.classes is not None and (not self.classes or not all(isinstance(c, str) and c for c in self.classes)):
             raise ConceptEvoError(f"data.classes must be a list of class names in the model's output order, got {self.classes!r}")
         from .data.transforms import Preprocess

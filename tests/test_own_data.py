@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from conceptevo import Workspace
+from conceptevo import ConceptEvoError, Workspace
 from conceptevo.config import DataConfig, EmbeddingConfig, LayoutConfig, ModelConfig, StimuliConfig, StudyConfig, load_config
 from conceptevo.data import ImageFolderDataset, Preprocess, open_dataset
 from conceptevo.data.loader import iter_batches
@@ -417,3 +417,35 @@ def test_run_warns_when_there_is_no_test_split(own, caplog):
     with caplog.at_level(logging.WARNING):
         assert check_test_split(c) is None
     assert "evaluate-importance will not be possible" in caplog.text and "holdout = 0.2" in caplog.text
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"transform": "prep"}, "data.transform must name a callable"),
+    ({"holdout": 1.5}, "data.holdout must be a fraction"),
+    ({"mean": [0.5], "std": [0]}, "std must be positive"),
+    ({"mean": [120.0], "std": [60.0]}, "0..255 pixel units"),
+    ({"mean": 0.5}, "give both mean and std"),
+    ({"resize": [1, 2, 3]}, "resize must be a positive integer or a list"),
+    ({"classes": []}, "data.classes must be a list of class names"),
+    ({"size": 3}, "Did you mean 'resize'"),
+    ({"classes": ["a"], "options": {"classes": ["a"]}}, "both as a key and in options"),
+])
+def test_bad_data_settings_are_one_line_errors(data, message):
+    raw = {"study": {"out": "x"}, "data": {"kind": "synthetic", **data},
+           "models": [{"name": "a", "arch": "vgg_like", "checkpoints": "c"}]}
+    with pytest.raises(ConceptEvoError, match=message):
+        StudyConfig.from_dict(raw).data.dataset_options()
+
+
+def test_evaluation_without_a_test_split_names_the_holdout(study, tmp_path):
+    import shutil
+
+    from conceptevo.importance.commands import evaluate_command
+
+    ws, _ = study
+    shutil.copytree(ws.path, tmp_path / "ws")
+    manifest = json.loads((tmp_path / "ws" / "manifest.json").read_text())
+    manifest["config"]["data"]["holdout"] = None
+    (tmp_path / "ws" / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DatasetError, match=r"no 'test' sub-folder.*holdout = 0.2"):
+        evaluate_command(tmp_path / "ws", "own", stages="step20:step60", classes="bars", repeats=1, images=8, progress=False)

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import distributed as ddp
-from ..errors import ConceptEvoError, check_device, suggest
+from ..errors import ConceptEvoError, DatasetError, check_device, suggest
 from ..io import hash_json
 from ..workspace import Workspace
 from .milestones import parse_stages, stages_from_milestones
@@ -154,7 +154,13 @@ def evaluate_command(workspace, model: str, stages: str = "auto", classes="all",
     check_device(device)
     ddp.init_from_env(device)
     ws = Workspace(workspace)
-    train, test = ws.dataset("train"), ws.dataset("test")
+    train = ws.dataset("train")
+    try:
+        test = ws.dataset("test")
+    except DatasetError as e:
+        raise DatasetError(f"evaluate-importance measures accuracy on held-out images, but {e}; or set [data] holdout = 0.2 "
+                           "in the study's config to hold out a seeded fifth of the training images, and rerun "
+                           "`conceptevo run` (the pool then changes, so every stage is recomputed)") from None
     cks = ws.checkpoints(model)
     if stages == "auto":
         pairs = stages_from_milestones([c.to_dict() for c in cks], milestones=milestones)
