@@ -78,8 +78,15 @@ def resolve_channels(config, trust: bool = False):
     from .pipeline import open_study_images
 
     data = config.data
-    images = open_study_images(data)
+    folder_log = logging.getLogger("conceptevo.data.folder")
+    level = folder_log.level
+    folder_log.setLevel(logging.ERROR)  # its mixed-modes warning is said below, once the models are asked
+    try:
+        images = open_study_images(data)
+    finally:
+        folder_log.setLevel(level)
     have = int(images[0][0].shape[0])
+    mixed = " (the folder mixes grayscale and colour images)" if getattr(images, "mixed_modes", False) else ""
     wanted: dict[int, str] = {}
     for m in config.models:
         cks = list_checkpoints(m.checkpoints)
@@ -89,6 +96,9 @@ def resolve_channels(config, trust: bool = False):
         if got is not None:
             wanted.setdefault(got[0], f"model {m.name!r} ({got[1]})")
     if not wanted or set(wanted) == {have}:
+        if mixed and not wanted and "channels" not in data.options:
+            log.warning("the images read as %d channel(s)%s and no model says what it takes; "
+                        "set [data] options.channels to choose", have, mixed)
         return config
     if len(wanted) > 1:
         raise DatasetError("the models take images of different channel counts ("
@@ -96,7 +106,6 @@ def resolve_channels(config, trust: bool = False):
     need, where = next(iter(wanted.items()))
     folder_auto = data.kind == "folder" and "channels" not in data.options
     if folder_auto and need in (1, 3):
-        mixed = " (the folder mixes grayscale and colour images)" if getattr(images, "mixed_modes", False) else ""
         log.warning("the images read as %d channel(s)%s but %s takes %d: reading them as %s; "
                     "set [data] options.channels to choose", have, mixed, where, need, "grayscale" if need == 1 else "RGB")
         return dataclasses.replace(config, data=dataclasses.replace(data, options={**data.options, "channels": need}))

@@ -153,7 +153,6 @@ class ImageFolderDataset(ImageDataset):
             raise first_error
         gray = sum(mode in GRAY_MODES for _, mode, _ in opened)
         self.mixed_modes = 0 < gray < len(opened)
-        self.channels_given = channels is not None
         if channels is None:
             channels = 1 if gray == len(opened) else 3
             if self.mixed_modes:
