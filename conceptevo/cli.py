@@ -35,7 +35,7 @@ def cmd_run(args) -> int:
     from .pipeline import run_study
 
     config = load_config(args.config)
-    ws = run_study(config, progress=not args.no_progress, trust=args.trust_checkpoint)
+    ws = run_study(config, progress=not args.no_progress, trust=args.trust_checkpoint, allow_chance=args.allow_chance)
     if ws is not None:  # under torchrun, only rank 0 returns the workspace
         print(ws.summary())
     return 0
@@ -86,7 +86,7 @@ def cmd_importance(args) -> int:
                            images=args.images, seed=args.seed, device=args.device, progress=not args.no_progress)
     if not ddp.is_main():  # under torchrun every rank computes; rank 0 reports
         return 0
-    print(f"most important evolutions {args.tag_from} -> {args.tag_to} for class {r['class_index']} "
+    print(f"most important evolutions {args.tag_from} -> {args.tag_to} for class {r['class_name']!r} "
           f"(score = share of the class's images whose logit the evolution raised):")
     print("\n".join(r["importance"].top_lines(args.top)))
     print(f"all scores: {r['csv']}\nfigure: {r['png']}")
@@ -122,6 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="run a study from a TOML config (reuses finished stages)")
     r.add_argument("config")
     r.add_argument("--trust-checkpoint", action="store_true", help="allow checkpoints that need arbitrary code to load")
+    r.add_argument("--allow-chance", action="store_true",
+                   help="run even when a model's last checkpoint scores at chance on the pool (e.g. an untrained baseline)")
     r.add_argument("--no-progress", action="store_true")
     r.set_defaults(fn=cmd_run)
 

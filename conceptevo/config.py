@@ -23,11 +23,42 @@ class DataConfig:
     pool: int | None = 5000         # stimulus image pool: a seeded, class-balanced subset; None = all
     seed: int = 0
     options: dict = field(default_factory=dict)
+    # preprocessing, as the model was trained (see conceptevo.data.transforms); pictures show the images before mean/std
+    resize: int | list | None = None    # N: shorter side -> N; [H, W]: exactly
+    crop: int | list | None = None      # centre crop: N or [H, W]
+    mean: float | list | None = None    # per channel, in [0, 1] units
+    std: float | list | None = None
+    transform: str | None = None        # "package.module:name" or "path/to/file.py:name": a callable on [C, H, W] tensors
+    classes: list | None = None         # class names in the model's output order (default: the data's own order)
+    holdout: float | None = None        # hold out this seeded fraction of the training images as the test split
 
     def validate(self):
         if self.pool is not None:
             check_positive("data.pool", self.pool, integer=True)
         _check_seed("data.seed", self.seed)
+        if self.holdout is not None and not 0 < self.holdout < 1:
+            raise ConceptEvoError(f"data.holdout must be a fraction between 0 and 1 (e.g. 0.2), got {self.holdout!r}")
+        if self.transform is not None and (not self.transform or ":" not in self.transform.strip(":")):
+            raise ConceptEvoError(f"data.transform must name a callable as 'package.module:name' or 'path/to/file.py:name', "
+                                  f"got {self.transform!r}")
+        if self.classes is not None and (not self.classes or not all(isinstance(c, str) and c for c in self.classes)):
+            raise ConceptEvoError(f"data.classes must be a list of class names in the model's output order, got {self.classes!r}")
+        from .data.transforms import Preprocess
+        from .errors import DatasetError
+
+        try:
+            Preprocess(resize=self.resize, crop=self.crop, mean=self.mean, std=self.std)
+        except DatasetError as e:
+            raise ConceptEvoError(f"[data] {e}") from None
+
+    def dataset_options(self) -> dict:
+        """The keyword arguments of :func:`conceptevo.data.open_dataset` this config gives."""
+        extra = {k: getattr(self, k) for k in ("resize", "crop", "mean", "std", "transform", "classes")
+                 if getattr(self, k) is not None}
+        clash = sorted(set(extra) & set(self.options))
+        if clash:
+            raise ConceptEvoError(f"[data] gives {', '.join(map(repr, clash))} both as a key and in options; keep one")
+        return {**self.options, **extra}
 
 
 @dataclass(frozen=True)
@@ -39,6 +70,7 @@ class ModelConfig:
     prefix: str | None = None       # key prefix to strip from the checkpoints' keys ("model."); default: found
     key: str | None = None          # the checkpoint entry holding the state_dict ("state_dict"); default: found
     import_path: list | None = None  # folders searched first for package.module:function; default: the config's folder
+    allow_chance: bool = False      # run even when its last checkpoint scores at chance (e.g. an untrained baseline)
 
     def validate(self):
         check_name("model name", self.name)
@@ -178,6 +210,8 @@ class StudyConfig:
         out = str((root / out).resolve()) if not Path(out).is_absolute() else out
         if data.path and not Path(data.path).is_absolute():
             data = dataclasses.replace(data, path=str((root / data.path).resolve()))
+        if data.transform and data.transform.rpartition(":")[0].endswith(".py") and not Path(data.transform).is_absolute():
+            data = dataclasses.replace(data, transform=str((root / data.transform).resolve()))
         models = [dataclasses.replace(m, checkpoints=_resolve_paths(m.checkpoints, root),
                                       import_path=_import_path(m, root)) for m in models]
         return dataclasses.replace(config, out=out, data=data, models=models)

@@ -26,6 +26,10 @@ class DatasetError(ConceptEvoError):
     pass
 
 
+class ChanceAccuracyError(ConceptEvoError):
+    """A model scores at chance on the study's images: its inputs are probably not what it was trained on."""
+
+
 class WorkspaceError(ConceptEvoError):
     pass
 

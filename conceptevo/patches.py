@@ -48,6 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from .data.base import display_image
 from .errors import CheckpointError, ConceptEvoError, WorkspaceError
 from .io import atomic_path, hash_json, load_npy, read_json, save_npy, write_json
 
@@ -536,7 +537,7 @@ def compute_patches(ws, models: Sequence[str] | None = None, cell: int | None = 
         if not ws.config.get("data") and not force and ws.stage("patches/images") is not None \
                 and all(ws.stage(f"patches/{m}/{t}") is not None for m, t in todo):
             return []  # built from results in memory: its patches were made then, from the images it was given
-        dataset = ws.dataset("train")
+        dataset = ws.images()  # positions are image indices, as in the stimuli
     shape = tuple(int(s) for s in dataset[0][0].shape)
     manifest_models = ws.manifest.get("models", {})
 
@@ -579,7 +580,8 @@ def compute_patches(ws, models: Sequence[str] | None = None, cell: int | None = 
     if force or not ws.is_done("patches/images", img_key):
         used = np.unique(np.concatenate([np.asarray(ws.stimuli(m, t).indices).ravel() for m, t in all_pairs]))
         used = used[used >= 0]
-        first_img = to_uint8_image(dataset[int(used[0])][0])
+        # the images as people see them (resized/cropped like the model's input, never mean/std-normalised)
+        first_img = to_uint8_image(display_image(dataset, int(used[0])))
         labels = np.array([int(dataset[int(i)][1]) for i in used], dtype=np.int64) if not hasattr(dataset, "targets") \
             else np.asarray(dataset.targets, dtype=np.int64)[used]
         icell = int(min(max(shape[1], shape[2]), 96))
@@ -588,7 +590,7 @@ def compute_patches(ws, models: Sequence[str] | None = None, cell: int | None = 
         with atomic_path(img_dir / "pixels.npy", suffix=".npy") as tmp:
             pix = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(used),) + first_img.shape)
             for r, i in enumerate(tqdm(used, desc="stimulus images", disable=not progress, leave=False)):
-                im = first_img if r == 0 else to_uint8_image(dataset[int(i)][0])
+                im = first_img if r == 0 else to_uint8_image(display_image(dataset, int(i)))
                 if im.shape != first_img.shape:
                     raise ConceptEvoError(f"image {int(i)} has shape {im.shape}, image {int(used[0])} {first_img.shape}; "
                                           "example patches need images of one size")

@@ -26,17 +26,73 @@ from .workspace import Workspace, WorkspaceLock
 log = logging.getLogger(__name__)
 
 
-def open_study_dataset(data: DataConfig | dict, split: str = "train"):
-    """The dataset a study config names (``split`` 'train' or 'test')."""
+def _data_config(data: DataConfig | dict) -> DataConfig:
     if isinstance(data, dict):
         data = data.get("data", data)
         data = DataConfig(**data)
-    return open_dataset(data.kind, data.path, split=split, **data.options)
+    return data
+
+
+def open_study_images(data: DataConfig | dict):
+    """The training images a study config names, all of them: stimulus indices are positions in this dataset.
+
+    With ``holdout`` it includes the held-out images too; use
+    :func:`open_study_dataset` for the training or test split.
+    """
+    data = _data_config(data)
+    return open_dataset(data.kind, data.path, split="train", **data.dataset_options())
+
+
+def holdout_split(targets, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(kept, held out) positions: a seeded ``fraction`` of every class held out (at least one image of a class of two or more)."""
+    targets = np.asarray(targets)
+    rng = np.random.default_rng([seed, 1])  # its own stream: the pool's sample (seed) must not follow the split
+    held = []
+    for c in np.unique(targets):
+        idx = np.flatnonzero(targets == c)
+        take = min(len(idx) - 1, max(1, int(round(fraction * len(idx))))) if len(idx) > 1 else 0
+        held.append(rng.choice(idx, size=take, replace=False))
+    held = np.sort(np.concatenate(held)).astype(np.int64)
+    kept = np.setdiff1d(np.arange(len(targets)), held).astype(np.int64)
+    return kept, held
+
+
+def open_study_dataset(data: DataConfig | dict, split: str = "train"):
+    """The dataset a study config names (``split`` 'train' or 'test').
+
+    With ``holdout`` both splits are subsets of the training images (a seeded,
+    class-stratified split); their items keep the image's index in
+    :func:`open_study_images`. The test split is numbered with the training
+    split's classes, so a class missing from one split cannot shift the others.
+    """
+    from .data import Subset
+
+    data = _data_config(data)
+    if data.holdout is not None:
+        if split not in ("train", "test"):
+            raise ConceptEvoError(f"unknown split {split!r}; use 'train' or 'test'")
+        full = open_study_images(data)
+        kept, held = holdout_split(full.targets, data.holdout, data.seed)
+        sub = Subset(full, kept if split == "train" else held)
+        sub.name = f"{full.name} {split} ({'held-out ' if split == 'test' else ''}{len(sub)} of {len(full)})"
+        return sub
+    if split == "train":
+        return open_study_images(data)
+    options = data.dataset_options()
+    if data.kind == "folder" and "classes" not in options and "class_to_idx" not in options:
+        options["classes"] = open_study_images(data).classes
+    return open_dataset(data.kind, data.path, split=split, **options)
 
 
 def study_pool(data: DataConfig):
-    """The stimulus image pool: a seeded, class-balanced subset of the training split."""
+    """The stimulus image pool: a seeded, class-balanced subset of the training split (never of held-out images)."""
     return sample_pool(open_study_dataset(data, "train"), data.pool, seed=data.seed)
+
+
+def model_defaults(dataset) -> dict:
+    """``in_channels`` and ``num_classes`` for a model of ``dataset``'s inputs and classes (model options override them)."""
+    return {"in_channels": int(dataset[0][0].shape[0]),
+            "num_classes": max(len(getattr(dataset, "classes", []) or []), int(np.max(dataset.targets)) + 1)}
 
 
 def load_model(arch: str, options: dict, checkpoint_path, dataset, trust: bool = False, prefix: str | None = None,
@@ -53,10 +109,7 @@ def load_model(arch: str, options: dict, checkpoint_path, dataset, trust: bool =
 
 def build_for_dataset(arch: str, options: dict, dataset, import_path=None) -> torch.nn.Module:
     """``arch`` built for ``dataset``'s image channels and classes (unless ``options`` set them), untrained."""
-    opts = dict(options)
-    opts.setdefault("in_channels", int(dataset[0][0].shape[0]))
-    opts.setdefault("num_classes", max(len(getattr(dataset, "classes", []) or []), int(np.max(dataset.targets)) + 1))
-    return build_model(arch, import_path=import_path, **opts)
+    return build_model(arch, import_path=import_path, **{**model_defaults(dataset), **options})
 
 
 class _Timer:
@@ -74,14 +127,21 @@ class _Timer:
             log.info("%s: %.1f s", self.what, time.perf_counter() - self.t)
 
 
-def run_study(config: StudyConfig, progress: bool = True, trust: bool = False) -> Workspace | None:
+def run_study(config: StudyConfig, progress: bool = True, trust: bool = False, allow_chance: bool = False) -> Workspace | None:
     """Run every stage of the study that is not already finished; return the workspace.
+
+    Before the heavy passes, each model's last checkpoint must score above
+    chance on a sample of the pool (see :mod:`conceptevo.preflight`);
+    ``allow_chance`` (or a model's ``allow_chance``) lets an at-chance model through.
 
     Under ``torchrun`` (several processes), every rank shares the stimuli
     passes and rank 0 alone writes and runs the later stages; other ranks
     return None.
     """
+    from .preflight import resolve_channels
+
     check_device(config.stimuli.device)
+    config = resolve_channels(config, trust)  # on every rank: each opens the data the same way
     ddp.init_from_env(config.stimuli.device)
     if not ddp.is_main():
         plan = ddp.broadcast_object(None)
@@ -96,7 +156,7 @@ def run_study(config: StudyConfig, progress: bool = True, trust: bool = False) -
             # opened under the lock: a process that held it until now may have just rewritten the manifest
             ws = Workspace(config.out, create=True)
             ws._on_plan_sent = lambda: state.update(plan_sent=True)
-            return _run(ws, config, progress, trust)
+            return _run(ws, config, progress, trust, allow_chance)
     except BaseException:
         if ddp.active() and not state["plan_sent"]:
             ddp.broadcast_object(None)  # release the other ranks waiting for the plan
@@ -170,8 +230,33 @@ def _stimuli_stage(ws: Workspace | None, config: StudyConfig, passes: list[dict]
             ws.finish(f"stimuli/{p['model']}/{p['tag']}", p["key"], {"k": sp.k, "layers": sp.layers}, neurons=len(stim))
 
 
-def _run(ws: Workspace, config: StudyConfig, progress: bool, trust: bool) -> Workspace:
+def _record_data(ws: Workspace, config: StudyConfig, pool) -> None:
+    """Log the class mapping and the test split; record the preprocessing, classes and split in the manifest."""
+    from .preflight import check_test_split, describe_classes
+
+    data = config.data
+    log.info(describe_classes(pool, explicit=data.classes is not None))
+    base = pool.base if hasattr(pool, "base") else pool
+    pp = getattr(base, "preprocess", None)
+    info = {"classes": list(getattr(pool, "classes", []) or []), "preprocess": pp.describe() if pp is not None else {},
+            "input_shape": [int(s) for s in pool[0][0].shape], "test": check_test_split(config)}
+    if data.holdout is not None:
+        held = np.asarray(open_study_dataset(data, "test").indices, dtype=np.int64)
+        save_npy(ws.path / "data" / "heldout.npy", held)
+        info["holdout"] = {"fraction": data.holdout, "seed": data.seed, "images": int(len(held)),
+                           "file": "data/heldout.npy", "key": hash_json(held.tolist())}
+        log.info("test split: %d held-out images of %d (holdout %g, seed %d); the pool comes from the others",
+                 len(held), len(base), data.holdout, data.seed)
+    ws.manifest["data"].update(info)
+    ws._flush()
+
+
+def _run(ws: Workspace, config: StudyConfig, progress: bool, trust: bool, allow_chance: bool = False) -> Workspace:
+    from .preflight import sanity_check
+
     pool, num_images, models, (base_model, base_tag), passes = _plan(ws, config, trust)
+    _record_data(ws, config, pool)
+    sanity_check(ws, config, pool, models, trust=trust, allow_chance=allow_chance)
     sp = config.stimuli
     # 1. stimuli of every checkpoint
     ddp.broadcast_object(passes)

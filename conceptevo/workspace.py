@@ -266,15 +266,38 @@ class Workspace:
         return xy
 
     def dataset(self, split: str = "train"):
-        """The study's dataset, opened as the config names it."""
+        """The study's training or test split, opened (and preprocessed) as the config names it.
+
+        With a held-out test split the positions of this dataset are not image
+        indices: to look an image up by its index (as stimuli record it), use :meth:`images`.
+        """
         from .pipeline import open_study_dataset
 
+        self._require_data()
+        ds = open_study_dataset(self.config, split)
+        held = self.manifest.get("data", {}).get("holdout")
+        if held and split == "test":
+            from .io import hash_json
+
+            if hash_json(np.asarray(ds.indices).tolist()) != held.get("key"):
+                raise WorkspaceError(
+                    f"the held-out images of {self.path} differ from the ones recorded in data/heldout.npy "
+                    "(the image folder changed since the study ran); rerun `conceptevo run` into a new folder")
+        return ds
+
+    def images(self):
+        """Every training image, by image index (the positions stimuli, patches and embeddings refer to)."""
+        from .pipeline import open_study_images
+
+        self._require_data()
+        return open_study_images(self.config)
+
+    def _require_data(self) -> None:
         if not self.config.get("data"):
             raise WorkspaceError(
                 f"the workspace {self.path} records no dataset (it was built from results in memory with "
                 "Workspace.from_results), so commands that reread its images cannot run on it; use the Python API "
                 "with your dataset, or make the study with `conceptevo run`")
-        return open_study_dataset(self.config, split)
 
     def summary(self) -> str:
         lines = [f"workspace {self.path}"]
@@ -283,6 +306,12 @@ class Workspace:
             lines.append(f"  model {m}: {len(tags)} checkpoints ({', '.join(tags)})")
         if self.manifest.get("base"):
             lines.append(f"  base: {self.base[0]} {self.base[1]}")
+        sanity = self.manifest.get("sanity") if isinstance(self.manifest.get("sanity"), dict) else {}
+        for m in self.models:
+            rec = sanity.get(m)
+            if isinstance(rec, dict) and isinstance(rec.get("top1"), (int, float)):
+                lines.append(f"  {m} {rec.get('tag', 'last')}: top-1 {rec['top1']:.3f} on {rec.get('images')} "
+                             f"pool images (chance {rec.get('chance', float('nan')):.3f})")
         rec = self.stage("embedding/images")
         if rec and isinstance(rec.get("rmse"), (int, float)):
             lines.append(f"  image embedding RMSE {rec['rmse']:.4f}")

@@ -216,7 +216,8 @@ def run_dying_study(rank, out_dir):
 
         pipeline.load_model = load_and_die
     config = StudyConfig(out=os.path.join(out_dir, "ws"), data=DataConfig(kind="synthetic", pool=40, options={"n": 60, "size": 28}),
-                         models=[ModelConfig(name="vgg", arch="vgg_like", checkpoints=os.path.join(out_dir, "ck"), options={"width": 4})],
+                         models=[ModelConfig(name="vgg", arch="vgg_like", checkpoints=os.path.join(out_dir, "ck"), options={"width": 4},
+                                             allow_chance=True)],  # untrained checkpoints
                          stimuli=StimuliConfig(k=3, batch_size=8), embedding=EmbeddingConfig(dim=4, epochs=5)).validate()
     pipeline.run_study(config, progress=False)
 

@@ -287,7 +287,9 @@ def write_config(folder, models: str, pool: int = 120) -> None:
 
 
 def test_own_model_module_and_checkpoint_formats_through_run(tmp_path, data):
-    """`conceptevo run` with arch = "ownnet:OwnResNet" next to the config, and three folders of the same run."""
+    """`conceptevo run` with arch = "ownnet:OwnResNet" next to the config, and three folders of the same run.
+
+    The model is trained for a few steps only, so it sits near chance: the sanity check is overridden."""
     pytest.importorskip("safetensors")
     write_module(tmp_path)
     (w1, o1), (w2, o2) = trained(data, seed=3, steps=2), trained(data, seed=3, steps=6)
@@ -319,7 +321,7 @@ def test_own_model_module_and_checkpoint_formats_through_run(tmp_path, data):
     """)
     config = load_config(tmp_path / "study.toml")
     assert config.models[0].import_path == [str(tmp_path)]
-    ws = run_study(config, progress=False)
+    ws = run_study(config, progress=False, allow_chance=True)
     assert ws.tags("raw") == ["model_e1", "model_e2"]
     assert ws.tags("lightning") == ["epoch=0-step=10", "epoch=1-step=20"]
     assert [(c.epoch, c.step) for c in ws.checkpoints("lightning")] == [(0, 10), (1, 20)]
@@ -330,9 +332,9 @@ def test_own_model_module_and_checkpoint_formats_through_run(tmp_path, data):
         assert same_stimuli(ws.stimuli("raw", raw), ws.stimuli("ema", other))
     # another prefix reads other weights from the same files: their stimuli are computed again
     again = run_study(dataclasses.replace(config, models=[dataclasses.replace(m, prefix="model.") if m.name == "ema" else m
-                                                            for m in config.models]), progress=False)
+                                                            for m in config.models]), progress=False, allow_chance=True)
     assert not same_stimuli(again.stimuli("raw", "model_e1"), again.stimuli("ema", "ckpt_000100"))
-    ws = run_study(config, progress=False)
+    ws = run_study(config, progress=False, allow_chance=True)
     # later commands build the model the same way (module from the config's folder, the prefix), from the workspace
     from conceptevo.importance.commands import importance_command
 

@@ -29,7 +29,8 @@ def runs(tmp_path_factory):
 
 
 def config(out, runs, **changes):
-    models = [ModelConfig(name=n, arch=a, checkpoints=p, options={"width": 4}) for n, (a, p) in runs.items()]
+    # ten SGD steps leave these models near chance (top-1 0.12-0.20 on 10 classes): the sanity check would stop them
+    models = [ModelConfig(name=n, arch=a, checkpoints=p, options={"width": 4}, allow_chance=True) for n, (a, p) in runs.items()]
     c = StudyConfig(out=str(out), data=DATA, models=models, base=BaseConfig(model="vgg"),
                     stimuli=StimuliConfig(k=5), embedding=EmbeddingConfig(dim=8, epochs=30))
     return dataclasses.replace(c, **changes).validate()

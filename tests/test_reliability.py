@@ -55,6 +55,7 @@ name = "vgg"
 arch = "vgg_like"
 checkpoints = {checkpoints}
 options = {model_options}
+allow_chance = true  # one epoch leaves these test models near chance
 [stimuli]
 k = {k}
 [embedding]
@@ -472,16 +473,16 @@ def _gray_idx(folder: Path) -> Path:
 def test_grayscale_data_against_rgb_checkpoints(runs, tmp_path, capsys):
     root, cks = runs
     data = _gray_idx(tmp_path / "gray")
-    # the model is built for the data's one channel: the RGB checkpoint does not fit it
+    # the checkpoint's first layer takes 3 channels: said before anything is computed
     cfg = write_config(tmp_path, "s", str(root / "vgg"), kind="idx", data_path=data, options="{}")
     line = cli_error(capsys, "run", str(cfg), "--no-progress")
-    assert "does not fit the architecture" in line and "features.0.weight" in line
-    # the model is built for 3 channels as asked: the 1-channel images cannot go through it
+    assert "the images have 1 channel(s) but model 'vgg' (its first layer 'features.0'" in line and "takes 3" in line
+    # the model is asked for 3 channels in its options: the same
     cfg = write_config(tmp_path, "s2", str(root / "vgg"), kind="idx", data_path=data, options="{}",
                        model_options="{ width = 4, in_channels = 3 }")
     line = cli_error(capsys, "run", str(cfg), "--no-progress")
-    assert "images of shape [1, 28, 28] cannot go through" in line
-    assert not [k for k in stages(tmp_path / "s2") if k.startswith("stimuli/")]
+    assert "the images have 1 channel(s) but model 'vgg' (in_channels in its options) takes 3" in line
+    assert not (tmp_path / "s2").exists()  # stopped before the workspace was made
 
 
 def test_k_larger_than_the_pool(runs, tmp_path, capsys):

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..data.base import display_image
 from ..errors import ConceptEvoError, WorkspaceError
 from ..io import write_bytes, write_json
 from ..workspace import Workspace, WorkspaceLock
@@ -75,10 +76,10 @@ class _Pictures:
         missing = [int(i) for i in indices if int(i) not in self._image_feats]
         if missing:
             if self._dataset is None:
-                self._dataset = self.ws.dataset("train")
+                self._dataset = self.ws.images()
             ds = self._dataset
-            arr = ds.images_tensor(np.asarray(missing)) if hasattr(ds, "images_tensor") else [ds[i][0] for i in missing]
-            for i, img in zip(missing, arr):
+            for i in missing:  # the pictures as people see them (no mean/std normalisation)
+                img = display_image(ds, i)
                 self._image_feats[i] = picture_features(to_uint8_image(img))
         feats = [self._image_feats[int(i)] for i in indices]
         return {key: np.mean([f[key] for f in feats], axis=0) for key in feats[0]}
@@ -123,7 +124,7 @@ def evaluate_alignment(workspace, n_groups: int | None = None, tasks: int = 200,
     if n_base < 5 * 2:
         raise ConceptEvoError(f"the base checkpoint has {n_base} neurons; the intruder test needs at least 10")
     groups = kmeans_groups(table.vectors, n_groups, seed=seed)
-    dataset = ws.dataset("train")
+    dataset = ws.images()  # by image index, as the stimuli record them
     concepts, names, known = dataset_concepts(dataset)
     codes = {}
     for m, t in table.checkpoints():
@@ -201,7 +202,7 @@ def _layer_views(ws, n_images: int, seed: int, device: str, trust: bool) -> list
     from ..config import DataConfig
     from ..pipeline import study_pool
 
-    full = ws.dataset("train")
+    full = ws.images()
     data = ws.config.get("data", {})
     try:
         pool = study_pool(DataConfig(**data))

@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 
 from ..errors import DatasetError, suggest
-from .base import ImageDataset, Subset, class_indices, indexed, sample_pool
+from .base import ImageDataset, Subset, class_indices, class_order, display_image, indexed, sample_pool
 from .folder import ImageFolderDataset
 from .idx import (
     FASHION_MNIST_CLASSES,
@@ -23,21 +23,25 @@ from .idx import (
     write_idx,
 )
 from .synthetic import ConceptShapes
+from .transforms import Preprocess, as_preprocess, load_transform
 
 __all__ = [
     "ImageDataset", "Subset", "indexed", "sample_pool", "class_indices",
     "IDXDataset", "FashionMNIST", "find_fashion_mnist", "find_idx_pair", "read_idx", "write_idx",
     "FASHION_MNIST_CLASSES", "ImageFolderDataset", "ConceptShapes",
-    "open_dataset", "describe", "DATASET_KINDS",
+    "open_dataset", "describe", "DATASET_KINDS", "PREPROCESS_OPTIONS",
+    "Preprocess", "load_transform", "display_image", "class_order",
 ]
 
 #: Kind name -> the options :func:`open_dataset` accepts for it.
 DATASET_KINDS: dict[str, tuple[str, ...]] = {
     "fashion-mnist": (),
-    "idx": ("images", "labels", "classes", "name"),
+    "idx": ("images", "labels", "name"),
     "folder": ("size", "channels", "skip_corrupt"),
     "synthetic": ("n", "size", "seed", "cache"),
 }
+#: Options every kind accepts: preprocessing (see :mod:`conceptevo.data.transforms`) and the class order.
+PREPROCESS_OPTIONS = ("resize", "crop", "mean", "std", "transform", "classes", "class_to_idx")
 
 
 def open_dataset(kind: str, path: str | os.PathLike | None = None, split: str = "train", **options) -> ImageDataset:
@@ -47,13 +51,20 @@ def open_dataset(kind: str, path: str | os.PathLike | None = None, split: str = 
       its IDX files (default: the Debian package's location).
     - ``"idx"``: ``path`` is a directory holding ``train-``/``t10k-`` IDX files
       named as in Fashion-MNIST; or give ``images=`` and ``labels=`` files.
-      Options ``classes`` (list of names) and ``name``.
+      Option ``name``.
     - ``"folder"``: :class:`ImageFolderDataset` over ``path``; when ``path``
       has a sub-folder named after ``split`` (``path/train/<class>/...``) that
       one is used, otherwise ``path`` itself, for split "train" only.
       Options ``size``, ``channels``, ``skip_corrupt``.
     - ``"synthetic"``: :class:`ConceptShapes` (no ``path``); options ``n``,
       ``size``, ``seed``, ``cache``.
+
+    Every kind also takes the preprocessing ``resize``, ``crop``, ``mean``,
+    ``std`` and ``transform`` (a callable on the image tensor, or a
+    ``"module:name"`` string; see :mod:`conceptevo.data.transforms`), and the
+    model's class order: ``classes`` (names by model output index) or
+    ``class_to_idx`` (name -> index). For ``idx`` data, whose labels are
+    already numbers, these name the labels.
     """
     key = str(kind).strip().lower().replace("_", "-")
     if key not in DATASET_KINDS:
@@ -61,15 +72,21 @@ def open_dataset(kind: str, path: str | os.PathLike | None = None, split: str = 
             f"unknown dataset kind {kind!r}; use one of {', '.join(map(repr, DATASET_KINDS))}."
             + suggest(key, DATASET_KINDS)
         )
-    unknown = sorted(set(options) - set(DATASET_KINDS[key]))
+    unknown = sorted(set(options) - set(DATASET_KINDS[key]) - set(PREPROCESS_OPTIONS))
     if unknown:
-        allowed = ", ".join(DATASET_KINDS[key]) or "none"
+        allowed = ", ".join(DATASET_KINDS[key] + PREPROCESS_OPTIONS)
         raise DatasetError(
             f"dataset kind {key!r} takes no option {', '.join(map(repr, unknown))}; its options: {allowed}"
+            + suggest(unknown[0], DATASET_KINDS[key] + PREPROCESS_OPTIONS)
         )
+    prep = {k: options.pop(k, None) for k in ("resize", "crop", "mean", "std", "transform")}
+    order = {k: options.pop(k, None) for k in ("classes", "class_to_idx")}
+    return _open(key, path, split, options, as_preprocess(**prep), order)
 
+
+def _open(key: str, path, split: str, options: dict, preprocess, order: dict) -> ImageDataset:
     if key == "fashion-mnist":
-        return FashionMNIST(path, split=split)
+        return FashionMNIST(path, split=split).reorder_classes(**order).set_preprocess(preprocess)
 
     if key == "idx":
         images, labels = options.pop("images", None), options.pop("labels", None)
@@ -83,7 +100,9 @@ def open_dataset(kind: str, path: str | os.PathLike | None = None, split: str = 
                 )
             images, labels = find_idx_pair(path, split)
             options.setdefault("name", f"{Path(path).name or 'idx'}-{split}")
-        return IDXDataset(images, labels, **options)
+        if any(v is not None for v in order.values()):  # the labels are numbers already: the order names them
+            options["classes"] = class_order([], **order)
+        return IDXDataset(images, labels, **options).set_preprocess(preprocess)
 
     if key == "folder":
         if path is None:
@@ -96,12 +115,12 @@ def open_dataset(kind: str, path: str | os.PathLike | None = None, split: str = 
                 f"image folder {root} has no {split!r} sub-folder; lay the data out as "
                 f"{root / 'train'}/<class>/... and {root / split}/<class>/..."
             )
-        return ImageFolderDataset(root, **options)
+        return ImageFolderDataset(root, transform=preprocess, **order, **options)
 
     # synthetic
     if path is not None:
         raise DatasetError("dataset kind 'synthetic' is generated and takes no path; drop the path")
-    return ConceptShapes(split=split, **options)
+    return ConceptShapes(split=split, **options).reorder_classes(**order).set_preprocess(preprocess)
 
 
 def describe(dataset) -> str:

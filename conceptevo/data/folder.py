@@ -12,6 +12,7 @@ from PIL import Image
 
 from ..errors import DatasetError
 from .base import ImageDataset
+from .transforms import as_preprocess
 
 log = logging.getLogger(__name__)
 
@@ -65,9 +66,17 @@ class ImageFolderDataset(ImageDataset):
     Images are converted to RGB (``channels=3``) or grayscale (``channels=1``).
     By default a sample of up to 32 images (evenly spread over the sorted file
     list) is opened: grayscale when all of them have a single-channel Pillow
-    mode, RGB otherwise. With ``size`` every image
+    mode, RGB otherwise (a warning names ``channels=`` when the sample mixes
+    both; :attr:`mixed_modes` is then True). With ``size`` every image
     is resized to ``size x size``; without it all images must share the size of
-    the first one (checked on the sample and again whenever an image is read).
+    the first one (checked on the sample and again whenever an image is read),
+    unless ``transform`` resizes them all to one size.
+
+    ``transform``: a callable applied to each image tensor (see
+    :mod:`conceptevo.data.transforms`), or a :class:`~conceptevo.data.transforms.Preprocess`
+    (resize, crop, mean/std). ``classes`` (names in the model's output order)
+    or ``class_to_idx`` (name -> output index) number the classes as the
+    model does; by default they are numbered in sorted folder-name order.
 
     Corrupt files: by default construction only *lists* the files, so it stays
     cheap; a file Pillow cannot decode raises :class:`DatasetError` naming it
@@ -83,6 +92,9 @@ class ImageFolderDataset(ImageDataset):
         size: int | None = None,
         channels: int | None = None,
         skip_corrupt: bool = False,
+        transform=None,
+        classes=None,
+        class_to_idx=None,
     ):
         root = Path(root)
         if not root.exists():
@@ -93,6 +105,7 @@ class ImageFolderDataset(ImageDataset):
             raise DatasetError(f"size must be a positive integer (pixels), got {size!r}")
         if channels not in (None, 1, 3):
             raise DatasetError(f"channels must be 1 (grayscale) or 3 (RGB), got {channels!r}")
+        preprocess = as_preprocess(transform)
 
         class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
         if not class_dirs:
@@ -138,21 +151,31 @@ class ImageFolderDataset(ImageDataset):
                 first_error = first_error or _unreadable(p, e)
         if not opened:
             raise first_error
+        gray = sum(mode in GRAY_MODES for _, mode, _ in opened)
+        self.mixed_modes = 0 < gray < len(opened)
         if channels is None:
-            channels = 1 if all(mode in GRAY_MODES for _, mode, _ in opened) else 3
+            channels = 1 if gray == len(opened) else 3
+            if self.mixed_modes:
+                log.warning("image folder %s mixes grayscale and colour images (%d of %d sampled are grayscale): "
+                            "reading all as RGB (3 channels); pass channels=1 to read them as grayscale",
+                            root, gray, len(opened))
         self.channels = channels
         self._mode = "L" if channels == 1 else "RGB"
-        if size is None:
+        if size is None and preprocess is not None and preprocess.fixed_size:
+            self._hw = None  # sizes may differ: the transform's resize/crop makes them one
+        elif size is None:
             first_path, _, first_size = opened[0]
             for p, _, sz in opened[1:]:
                 if sz != first_size:
                     raise DatasetError(
                         f"images differ in size ({first_path} is {first_size[0]}x{first_size[1]}, "
-                        f"{p} is {sz[0]}x{sz[1]}); pass size=N to resize them all to NxN"
+                        f"{p} is {sz[0]}x{sz[1]}); pass size=N to resize them all to NxN, or resize=[H, W] / crop=N"
                     )
             self._hw = (first_size[1], first_size[0])
         else:
             self._hw = (size, size)
+        self.reorder_classes(classes, class_to_idx)
+        self.set_preprocess(preprocess)
 
     def load(self, i: int) -> np.ndarray:
         """Image ``i`` as a uint8 array ``[H, W, C]`` after conversion and resizing."""
@@ -165,18 +188,20 @@ class ImageFolderDataset(ImageDataset):
                 arr = np.array(im, dtype=np.uint8)
         except _READ_ERRORS as e:
             raise _unreadable(path, e) from None
-        if arr.shape[:2] != self._hw:
+        if self._hw is not None and arr.shape[:2] != self._hw:
             raise DatasetError(
                 f"image {path} is {arr.shape[1]}x{arr.shape[0]} but the others are "
                 f"{self._hw[1]}x{self._hw[0]}; pass size=N to resize them all to NxN"
             )
-        return arr.reshape(self._hw[0], self._hw[1], self.channels)
+        return arr.reshape(arr.shape[0], arr.shape[1], self.channels)
 
     def image(self, i: int) -> torch.Tensor:
         return torch.from_numpy(self.load(i)).permute(2, 0, 1).float().div_(255.0).contiguous()
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
+        if self.preprocess is not None or self._hw is None:
+            return super().image_shape
         return (self.channels, *self._hw)
 
     def fingerprint(self) -> str:

@@ -228,6 +228,8 @@ class IDXDataset(ImageDataset):
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
+        if self.preprocess is not None:
+            return super().image_shape
         if self._channels_last:
             n, h, w, c = self.array.shape
             return (c, h, w)

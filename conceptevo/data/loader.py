@@ -1,7 +1,8 @@
 """Batches of ``(images, labels, indices)`` from any conceptevo-compatible dataset.
 
 Datasets that can hand out a whole batch at once (``images_tensor(positions)``,
-as the IDX and generated datasets do) are read without per-item Python work;
+as the IDX and generated datasets do) are read without per-item Python work
+(their ``preprocess``, if any, is applied to the whole batch);
 any other torch Dataset goes through a DataLoader.
 """
 from __future__ import annotations
@@ -39,11 +40,13 @@ def iter_batches(dataset, batch_size: int = 256, shuffle: bool = False, seed: in
     if fast is not None:
         base, sub = fast
         targets = torch.as_tensor(np.asarray(base.targets, dtype=np.int64))
+        pp = getattr(base, "preprocess", None)
         for s in range(0, len(order), batch_size):
             pos = order[s : s + batch_size]
             idx = pos if sub is None else sub[pos]
             idx_t = torch.as_tensor(idx, dtype=torch.int64)
-            yield base.images_tensor(idx), targets[idx_t], idx_t
+            images = base.images_tensor(idx)
+            yield (images if pp is None else pp(images)), targets[idx_t], idx_t
         return
     ds = indexed(dataset)
     sampler = order.tolist()

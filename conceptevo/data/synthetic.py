@@ -251,4 +251,6 @@ class ConceptShapes(ImageDataset):
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
+        if self.preprocess is not None:
+            return super().image_shape
         return (3, self.size, self.size)

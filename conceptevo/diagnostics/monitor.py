@@ -480,7 +480,7 @@ def monitor_from_workspace(path, probe_dataset=None, probe_size: int = 1000, see
     emb = ws.image_embedding()
     if probe_dataset is None:
         check_positive("probe_size", probe_size, integer=True)
-        full = ws.dataset("train")
+        full = ws.images()
         has = np.flatnonzero(emb.has_vector[: len(full)])
         if has.size == 0:
             raise ConceptEvoError(f"the image embedding of {ws.path} gives no image a vector; rebuild the workspace")

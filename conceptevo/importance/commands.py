@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import distributed as ddp
-from ..errors import ConceptEvoError, check_device, suggest
+from ..errors import ConceptEvoError, DatasetError, check_device, suggest
 from ..io import hash_json
 from ..workspace import Workspace
 from .milestones import parse_stages, stages_from_milestones
@@ -44,11 +44,12 @@ def _layers(ws: Workspace):
 
 
 def _class_index(dataset, text) -> int:
+    """A class by name (the model's numbering, as the study's [data] classes give it), or by index."""
     classes = list(getattr(dataset, "classes", []))
+    if str(text) in classes:
+        return classes.index(str(text))
     if isinstance(text, int) or str(text).lstrip("-").isdigit():
         return int(text)
-    if text in classes:
-        return classes.index(text)
     raise ConceptEvoError(f"unknown class {text!r}.{suggest(text, classes)} Give a class index or one of: {', '.join(classes)}")
 
 
@@ -91,18 +92,19 @@ def importance_command(workspace, model: str, tag_from: str, tag_to: str, class_
     imp = evolution_importance(m_from, m_to, ds, c, layers=_layers(ws), num_images=images, seed=seed, device=device, progress=progress)
     out = ws.path / "importance" / model / f"{tag_from}__{tag_to}" / f"class-{c}"
     png = out / "evolutions.png"
+    name = _class_name(ds, c)
 
     def write():
-        imp.to_csv(out / "scores.csv")
+        imp.to_csv(out / "scores.csv", class_name=name)
         imp.save(out / "importance.npz")
-        plot_evolutions(ws, model, tag_from, tag_to, imp, top=top, examples=examples, path=png, class_name=_class_name(ds, c))
+        plot_evolutions(ws, model, tag_from, tag_to, imp, top=top, examples=examples, path=png, class_name=name)
         ws.finish(f"importance/{model}/{tag_from}__{tag_to}/class-{c}", hash_json([tag_from, tag_to, c, images, seed]),
-                  {"model": model, "from": tag_from, "to": tag_to, "class": c, "images": images, "seed": seed},
+                  {"model": model, "from": tag_from, "to": tag_to, "class": c, "class_name": name, "images": images, "seed": seed},
                   file=str((out / "importance.npz").relative_to(ws.path)),
                   files=[str(p.relative_to(ws.path)) for p in (out / "scores.csv", out / "importance.npz", png)])
 
     _written_by_rank0(write)
-    return {"importance": imp, "png": png, "csv": out / "scores.csv", "class_index": c}
+    return {"importance": imp, "png": png, "csv": out / "scores.csv", "class_index": c, "class_name": name}
 
 
 def _class_name(ds, c: int) -> str:
@@ -117,9 +119,11 @@ def plot_evolutions(ws: Workspace, model: str, tag_from: str, tag_to: str, imp, 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from ..data.base import display_image
     from ..io import save_figure
+    from ..patches import to_uint8_image
 
-    ds = ws.dataset("train")
+    ds = ws.images()  # by image index, as the stimuli record them
     s_from, s_to = ws.stimuli(model, tag_from), ws.stimuli(model, tag_to)
     row_of = {nid: i for i, nid in enumerate(s_from.neuron_ids)}
     ranked = imp.top(top)
@@ -131,8 +135,8 @@ def plot_evolutions(ws: Workspace, model: str, tag_from: str, tag_to: str, imp, 
             idx = np.asarray(stim.indices[row_of[nid]])[:examples]
             for j, i in enumerate(idx):
                 ax = axes[r, j + side * (examples + 1)]
-                img = ds[int(i)][0].numpy()
-                ax.imshow(img[0] if img.shape[0] == 1 else img.transpose(1, 2, 0), cmap="gray" if img.shape[0] == 1 else None)
+                img = to_uint8_image(display_image(ds, int(i)))  # as people see it, not mean/std-normalised
+                ax.imshow(img[..., 0] if img.shape[-1] == 1 else img, cmap="gray" if img.shape[-1] == 1 else None, vmin=0, vmax=255)
                 ax.set_xticks([]), ax.set_yticks([])
         mid = axes[r, examples]
         mid.axis("off")
@@ -155,28 +159,35 @@ def evaluate_command(workspace, model: str, stages: str = "auto", classes="all",
     check_device(device)
     ddp.init_from_env(device)
     ws = Workspace(workspace)
-    train, test = ws.dataset("train"), ws.dataset("test")
+    train = ws.dataset("train")
+    try:
+        test = ws.dataset("test")
+    except DatasetError as e:
+        raise DatasetError(f"evaluate-importance measures accuracy on held-out images, but {e}; or set [data] holdout = 0.2 "
+                           "in the study's config to hold out a seeded fifth of the training images, and rerun "
+                           "`conceptevo run` (the pool then changes, so every stage is recomputed)") from None
     cks = ws.checkpoints(model)
     if stages == "auto":
         pairs = stages_from_milestones([c.to_dict() for c in cks], milestones=milestones)
     else:
         pairs = parse_stages(stages)
-    ncls = len(getattr(train, "classes", [])) or int(np.max(train.targets)) + 1
+    present = np.unique(np.asarray(train.targets)).tolist()  # classes with images (an explicit class order may name more)
+    ncls = len(present)
     if classes == "all":
-        class_list = list(range(ncls))
-    elif "," in str(classes):
+        class_list = present
+    elif "," in str(classes) or not str(classes).strip().isdigit():
         class_list = [_class_index(train, c.strip()) for c in str(classes).split(",")]
     else:
         n = int(classes)
         if not 0 < n <= ncls:
             raise ConceptEvoError(f"--classes {n}: give 'all', a number between 1 and {ncls}, or a comma-separated list")
-        class_list = sorted(np.random.default_rng(seed).choice(ncls, size=n, replace=False).tolist())
+        class_list = sorted(np.random.default_rng(seed).choice(present, size=n, replace=False).tolist())
     results = []
     for t, t2 in pairs:
         m_from, m_to = _model(ws, model, t, train, device), _model(ws, model, t2, train, device)
         per_class = []
         for c in class_list:
-            log.info("reversion %s %s -> %s, class %d", model, t, t2, c)
+            log.info("reversion %s %s -> %s, class %s", model, t, t2, _class_name(train, c))
             per_class.append(evaluate_reversion(m_from, m_to, train, test, c, layers=_layers(ws), num_images=images,
                                                 repeats=repeats, seed=seed, device=device, stage=(t, t2), progress=progress))
         res = combine_reversion(per_class)
@@ -189,8 +200,9 @@ def evaluate_command(workspace, model: str, stages: str = "auto", classes="all",
                                               for s in ("train", "test")} for r in results}
 
     def write():
-        write_reversion_markdown(md, results)
-        write_reversion_csv(csv, results)
+        names = list(getattr(train, "classes", []) or [])
+        write_reversion_markdown(md, results, class_names=names)
+        write_reversion_csv(csv, results, class_names=names)
         plot_reversion_bars(png, results)
         ws.finish(f"evaluation/{model}", hash_json([pairs, class_list, repeats, images, seed]),
                   {"stages": pairs, "classes": class_list, "repeats": repeats, "images": images}, claims=claims,

@@ -609,8 +609,14 @@ def _results(results) -> list[ReversionResult]:
     return [results] if isinstance(results, ReversionResult) else list(results)
 
 
-def reversion_table(results) -> list[dict]:
-    """Table 1 rows for one or several results (e.g. one per stage)."""
+def _named(class_indices, class_names) -> str:
+    """'Trouser; Dress' for the classes of a result (their indices when no names are known)."""
+    names = list(class_names or [])
+    return "; ".join(names[c] if 0 <= c < len(names) else str(c) for c in class_indices)
+
+
+def reversion_table(results, class_names=None) -> list[dict]:
+    """Table 1 rows for one or several results (e.g. one per stage); ``class_names`` adds a column naming the classes."""
     rows = []
     for res in _results(results):
         summ = res.summary()
@@ -621,6 +627,8 @@ def reversion_table(results) -> list[dict]:
                 row = {"stage": res.stage_label(), "split": split, "metric": metric,
                        "classes": len(res.class_indices), "repeats": res.repeats,
                        "clean": float(summ["clean"][s, m])}
+                if class_names is not None:
+                    row["class names"] = _named(res.class_indices, class_names)
                 for v, label in enumerate(res.bins):
                     row[label] = float(summ["mean"][s, m, v])
                 for v, label in enumerate(res.bins):
@@ -629,8 +637,8 @@ def reversion_table(results) -> list[dict]:
     return rows
 
 
-def write_reversion_csv(path, results) -> Path:
-    rows = reversion_table(results)
+def write_reversion_csv(path, results, class_names=None) -> Path:
+    rows = reversion_table(results, class_names)
     path = Path(path)
     with atomic_path(path, suffix=".csv") as tmp:
         with open(tmp, "w", newline="") as f:
@@ -641,7 +649,7 @@ def write_reversion_csv(path, results) -> Path:
     return path
 
 
-def reversion_markdown(results) -> str:
+def reversion_markdown(results, class_names=None) -> str:
     """A Markdown table like the paper's Table 1: mean change ± std over repeats per bin."""
     results = _results(results)
     if not results:
@@ -655,7 +663,8 @@ def reversion_markdown(results) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     res = results[0]
     lines.append("")
-    lines.append(f"Accuracy change (reverted minus clean), mean over layers and {len(res.class_indices)} class(es), "
+    named = f" ({_named(res.class_indices, class_names)})" if class_names is not None else ""
+    lines.append(f"Accuracy change (reverted minus clean), mean over layers and {len(res.class_indices)} class(es){named}, "
                  f"± std over {res.repeats} repeats. Bins are percentiles of the importance ranking (0-25 = most important).")
     lines.append("")
     lines.append("Verdicts (top-1; from the per-run changes and their spread over repeats and classes, 95% confidence):")
@@ -664,10 +673,10 @@ def reversion_markdown(results) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_reversion_markdown(path, results) -> Path:
+def write_reversion_markdown(path, results, class_names=None) -> Path:
     path = Path(path)
     with atomic_path(path, suffix=".md") as tmp:
-        tmp.write_text(reversion_markdown(results))
+        tmp.write_text(reversion_markdown(results, class_names))
     return path
 
 

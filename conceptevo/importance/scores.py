@@ -157,17 +157,21 @@ class EvolutionImportance:
         note = self.tie_note(n)
         return lines + ([note] if note else [])
 
-    def to_csv(self, path) -> Path:
-        """Write one row per neuron (rank, neuron_id, layer, channel, score, mean_sensitivity), best first."""
+    def to_csv(self, path, class_name: str | None = None) -> Path:
+        """Write one row per neuron (rank, neuron_id, layer, channel, score, mean_sensitivity), best first.
+
+        With ``class_name`` a first column ``class`` names the class the scores are for.
+        """
         path = Path(path)
         mean = self.mean_sensitivity
         with atomic_path(path, suffix=".csv") as tmp:
             with open(tmp, "w", newline="") as f:
                 w = csv.writer(f)
-                w.writerow(["rank", "neuron_id", "layer", "channel", "score", "mean_sensitivity"])
+                first = [] if class_name is None else [class_name]
+                w.writerow(([] if class_name is None else ["class"]) + ["rank", "neuron_id", "layer", "channel", "score", "mean_sensitivity"])
                 for rank, j in enumerate(self.ranking(), start=1):
                     layer, ch = split_neuron_id(self.neuron_ids[j])
-                    w.writerow([rank, self.neuron_ids[j], layer, ch, repr(float(self.scores[j])), repr(float(mean[j]))])
+                    w.writerow(first + [rank, self.neuron_ids[j], layer, ch, repr(float(self.scores[j])), repr(float(mean[j]))])
         return path
 
     def save(self, path) -> Path:
