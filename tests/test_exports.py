@@ -78,6 +78,27 @@ def _top_text_matches(text: str, counts: Counter) -> bool:
     return len(got) == min(3, len(counts)) and all(n <= shown_min for name, n in counts.items() if name not in got)
 
 
+def test_stimulus_labels_from_the_patch_store_or_the_dataset(study, tmp_path):
+    from conceptevo.exports.units import StimulusLabels, class_summary
+    from conceptevo.patches import PatchStore
+
+    copy = tmp_path / "study"
+    shutil.copytree(study.path, copy)
+    bare = Workspace(copy)
+    bare.invalidate("patches/images")  # no stored stimulus images: labels come from the dataset
+    ds = study.dataset("train")
+    idx = np.array([[0, 5, -1], [len(ds) - 1, len(ds), 7]])
+    want = np.array([[int(ds[0][1]), int(ds[5][1]), -1], [int(ds[len(ds) - 1][1]), -1, int(ds[7][1])]])
+    for ws in (study, bare):
+        labels = StimulusLabels(ws, PatchStore(ws))
+        np.testing.assert_array_equal(labels.labels(idx), want)
+        assert labels.classes == list(ds.classes)
+    first, text = class_summary(np.array([[2, 1, 2, -1], [-1, -1, -1, -1], [3, 1, 1, 3]]), labels)
+    names = ds.classes
+    assert first == [names[2], "", names[1]]  # ties: the lower label first
+    assert text == [f"{names[2]} 2, {names[1]} 1", "", f"{names[1]} 2, {names[3]} 2"]
+
+
 # ================================================================================ TensorBoard: files
 def _read_config(out):
     pytest.importorskip("tensorboard")
@@ -214,17 +235,30 @@ def test_tensorboard_blank_tiles_without_patches(study, tmp_path, caplog):
     pytest.importorskip("tensorboard")
     from conceptevo.exports import export_tensorboard
     from conceptevo.exports.projector import BLANK
+    from conceptevo.patches import PatchStore
 
     copy = tmp_path / "study"
     shutil.copytree(study.path, copy)
     ws = Workspace(copy)
     ws.invalidate("patches/resnet/e2")
     with caplog.at_level("WARNING"):
-        export_tensorboard(ws, tmp_path / "tb", images=False, combined=False)
+        export_tensorboard(ws, tmp_path / "tb", images=False)
     assert "no example patches for 1 checkpoint(s) (resnet e2)" in caplog.text
-    e = _read_config(tmp_path / "tb")["units: resnet e2"]
-    sprite = np.asarray(Image.open(tmp_path / "tb" / e.sprite.image_path))
-    assert (sprite == BLANK).all()
+    emb = _read_config(tmp_path / "tb")
+    assert not emb["units: resnet e2"].HasField("sprite")  # no picture at all: dots, not grey squares
+    assert emb["units: resnet e1"].HasField("sprite")
+    e = emb["units: all checkpoints"]  # some with pictures: grey tiles for those without
+    n, tile = e.tensor_shape[0], e.sprite.single_image_dim[0]
+    sprite = np.asarray(Image.open(tmp_path / "tb" / e.sprite.image_path).convert("RGB"))
+    rows = _metadata(tmp_path / "tb" / e.metadata_path)
+    store = PatchStore(study)
+    for i, r in enumerate(rows):
+        if (r["model"], r["checkpoint"]) == ("resnet", "e2"):
+            assert (_tile(sprite, i, n, tile) == BLANK).all()
+        elif i % 50 == 0:
+            j = list(study.stimuli(r["model"], r["checkpoint"]).neuron_ids).index(r["unit"])
+            patch = store.patches(r["model"], r["checkpoint"], j)[0]
+            np.testing.assert_array_equal(_tile(sprite, i, n, tile), np.broadcast_to(patch, patch.shape[:2] + (3,)))
 
 
 def test_tensorboard_export_folder_rules(study, tb_export, tmp_path):
@@ -553,6 +587,8 @@ def test_wandb_export_into_an_open_run(study, offline_wandb, tmp_path):
 
     run = offline_wandb.init(project="mine", dir=str(tmp_path), settings=offline_wandb.Settings(mode="offline", silent=True,
                                                                                                x_disable_stats=True))
+    with pytest.raises(ConceptEvoError, match="not both"):
+        export_wandb(study, tmp_path / "elsewhere", run=run)
     folder = export_wandb(study, run=run, images=False, diagnostics=False)
     run.log({"after": 1.0})  # still open: the caller's run
     run.finish()

@@ -13,7 +13,8 @@ Each point has metadata columns (a unit's id, model, checkpoint, epoch, layer,
 channel, the most frequent class among its stimuli and the three most frequent
 with their counts; an image's dataset index and class) and a picture: a unit's
 top example patch, an image itself, or a blank grey tile where there is none
-(units of checkpoints without example patches).
+(units of checkpoints without example patches). An embedding none of whose
+points has a picture gets no sprite: the projector then draws coloured dots.
 
 The files follow TensorBoard's projector format, written with its own
 ``ProjectorConfig`` message: ``projector_config.pbtxt`` in ``DIR`` naming, per
@@ -129,6 +130,7 @@ class _Points:
     rows: list[list]
     pictures: list          # callables returning uint8 [H, W, C] or None
     cell: int
+    has_pictures: bool = True   # False: no point has a picture, so no sprite (the projector draws dots)
 
     def __len__(self):
         return len(self.vectors)
@@ -140,7 +142,7 @@ class _Points:
         log.warning("%s has %d points; TensorBoard's projector reads at most %d, so a seeded sample of %d is written",
                     self.name, len(self), limit, limit)
         return _Points(self.name, self.folder, self.columns, self.vectors[keep], [self.rows[i] for i in keep],
-                       [self.pictures[i] for i in keep], self.cell)
+                       [self.pictures[i] for i in keep], self.cell, self.has_pictures)
 
 
 def _unit_points(cu: CheckpointUnits, pictures: UnitPictures, cell: int) -> _Points | None:
@@ -155,7 +157,7 @@ def _unit_points(cu: CheckpointUnits, pictures: UnitPictures, cell: int) -> _Poi
     rows = [[cu.ids[i], cu.model, cu.tag, _epoch_text(cu.epoch), layers[i], channels[i], cu.top_class[i] or "?",
              cu.top_classes[i] or "?"] for i in ok]
     pics = [(lambda m=cu.model, t=cu.tag, r=int(i): pictures.top_patch(m, t, r)) if has else (lambda: None) for i in ok]
-    return _Points(f"units: {cu.model} {cu.tag}", f"units/{cu.model}/{cu.tag}", UNIT_COLUMNS, cu.vectors[ok], rows, pics, cell)
+    return _Points(f"units: {cu.model} {cu.tag}", f"units/{cu.model}/{cu.tag}", UNIT_COLUMNS, cu.vectors[ok], rows, pics, cell, has)
 
 
 def _image_points(ws, pictures: UnitPictures, labels: StimulusLabels) -> _Points | None:
@@ -177,7 +179,7 @@ def _image_points(ws, pictures: UnitPictures, labels: StimulusLabels) -> _Points
 def _combine(parts: list[_Points]) -> _Points:
     return _Points("units: all checkpoints", "units/all-checkpoints", UNIT_COLUMNS,
                    np.concatenate([p.vectors for p in parts]), [r for p in parts for r in p.rows],
-                   [f for p in parts for f in p.pictures], max(p.cell for p in parts))
+                   [f for p in parts for f in p.pictures], max(p.cell for p in parts), any(p.has_pictures for p in parts))
 
 
 def _prepare(out: Path, ws) -> None:
@@ -232,20 +234,21 @@ def export_tensorboard(ws, out, images: bool = True, combined: bool = True, seed
     for pts in embeddings:
         pts = pts.sample(MAX_POINTS, seed)
         folder = out / pts.folder
-        tile = sprite_tile(len(pts), pts.cell)
-        if tile < pts.cell:
-            log.info("%s: %d pictures, tiles shrunk from %d to %d px to fit the %d px sprite limit",
-                     pts.name, len(pts), pts.cell, tile, SPRITE_MAX)
         write_bytes(folder / "tensors.tsv", tensor_tsv(pts.vectors))
         write_bytes(folder / "metadata.tsv", metadata_tsv(pts.columns, pts.rows))
-        write_bytes(folder / "sprite.png", sprite_png((f() for f in pts.pictures), len(pts), tile))
         e = config.embeddings.add()
         e.tensor_name = pts.name
         e.tensor_shape.extend([len(pts), int(pts.vectors.shape[1])])
         e.tensor_path = f"{pts.folder}/tensors.tsv"
         e.metadata_path = f"{pts.folder}/metadata.tsv"
-        e.sprite.image_path = f"{pts.folder}/sprite.png"
-        e.sprite.single_image_dim.extend([tile, tile])
+        if pts.has_pictures:
+            tile = sprite_tile(len(pts), pts.cell)
+            if tile < pts.cell:
+                log.info("%s: %d pictures, tiles shrunk from %d to %d px to fit the %d px sprite limit",
+                         pts.name, len(pts), pts.cell, tile, SPRITE_MAX)
+            write_bytes(folder / "sprite.png", sprite_png((f() for f in pts.pictures), len(pts), tile))
+            e.sprite.image_path = f"{pts.folder}/sprite.png"
+            e.sprite.single_image_dim.extend([tile, tile])
     path = out / CONFIG
     write_bytes(path, text_format.MessageToString(config).encode("utf-8"))
     note = pictures.note()

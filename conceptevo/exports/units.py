@@ -104,11 +104,12 @@ class StimulusLabels:
             ds = self._dataset
             targets = getattr(ds, "targets", None)
             wanted = np.unique(flat[todo])
+            inside = wanted < len(ds)
+            got = np.full(len(wanted), -1, dtype=np.int64)
             if targets is not None and len(targets) == len(ds):
-                got = np.asarray(targets, dtype=np.int64)[np.minimum(wanted, len(ds) - 1)]
+                got[inside] = np.asarray(targets, dtype=np.int64)[wanted[inside]]
             else:
-                got = np.array([int(ds[int(i)][1]) for i in wanted], dtype=np.int64)
-            got[wanted >= len(ds)] = -1
+                got[inside] = [int(ds[int(i)][1]) for i in wanted[inside]]
             res[todo] = got[np.searchsorted(wanted, flat[todo])]
         return out
 

@@ -150,6 +150,9 @@ def export_wandb(ws, dir=None, project: str = "conceptevo", name: str | None = N
     if not ws.models:
         raise ConceptEvoError(f"the workspace {ws.path} lists no model; run the study first")
     own = run is None
+    if not own and (dir is not None or name is not None):
+        raise ConceptEvoError("dir= and name= are for the run export_wandb creates; with run=, the run you opened "
+                              "has its own folder and name: give one or the other, not both")
     if own:
         folder = Path(dir) if dir is not None else Path.cwd()
         if folder.exists() and not folder.is_dir():
