@@ -97,7 +97,8 @@ def test_cli_argument_errors():
         p.parse_args(["figures", "ws", "--formats", "gif"])
     with pytest.raises(SystemExit):
         p.parse_args(["explore", "ws", "--port", "70000"])
-    with pytest.raises(SystemExit):
-        p.parse_args(["export", "ws"])  # --html is required
+    a = p.parse_args(["export", "ws"])
+    with pytest.raises(ConceptEvoError, match="at least one of --html DIR, --tensorboard DIR, --wandb"):
+        a.fn(a)  # nothing to export
     a = p.parse_args(["explore", "ws"])
     assert a.host == "127.0.0.1" and a.port == 8000

@@ -28,6 +28,11 @@ Three ways to use it::
 
 The Lightning callback checks at the end of each training epoch (1-based epoch
 numbers). Lightning is optional and imported only when asked for.
+
+With ``wandb_run=run`` (a Weights & Biases run, e.g. ``wandb.init(...)`` or a
+Lightning ``WandbLogger``'s ``experiment``) every check is also logged there,
+under ``concept_monitor/`` (against ``concept_monitor/check``), and the
+warnings' messages are kept in the run's summary.
 """
 from __future__ import annotations
 
@@ -52,6 +57,9 @@ log = logging.getLogger(__name__)
 #: neuron must pick its k stimuli from a handful of images, so stimuli overlap
 #: (and "collapse") whatever the model does.
 MIN_PROBE_PER_K = 10
+
+#: Keys of the checks logged to a W&B run start with this.
+WANDB_PREFIX = "concept_monitor"
 
 
 @dataclass
@@ -139,13 +147,15 @@ class ConceptMonitor:
         Also record the model's top-1 accuracy on the probe set.
     on_warning : callable, optional
         Called with each :class:`ConceptWarning`.
+    wandb_run : optional
+        A Weights & Biases run to log every check to (see the module docstring).
     """
 
     def __init__(self, probe, image_embedding, k: int = 10, layers=None, epochs: Iterable[float] | None = None,
                  every: int = 1, drop: float = 0.5, collapse_share: float = 0.5, collapse_rise: float = 0.25,
                  jaccard: float = 0.5, min_others: int | None = None, method: str = "knn", min_neurons: int = 8,
                  batch_size: int = 256, device=None, probe_accuracy: bool = True,
-                 on_warning: Callable[[ConceptWarning], None] | None = None, progress: bool = False):
+                 on_warning: Callable[[ConceptWarning], None] | None = None, progress: bool = False, wandb_run=None):
         check_positive("k", k, integer=True)
         check_positive("every", every, integer=True)
         check_positive("drop", drop)
@@ -190,6 +200,11 @@ class ConceptMonitor:
         self.min_neurons = int(min_neurons)
         self.batch_size, self.device, self.probe_accuracy = int(batch_size), device, bool(probe_accuracy)
         self.on_warning, self.progress = on_warning, progress
+        if wandb_run is not None and not callable(getattr(wandb_run, "log", None)):
+            raise ConceptEvoError(f"wandb_run must be a Weights & Biases run (with a .log method), got {type(wandb_run).__name__}; "
+                                  "pass the object wandb.init() returns")
+        self.wandb_run = wandb_run
+        self._wandb_ready = False
         self.records: list[MonitorRecord] = []
         self.warnings: list[ConceptWarning] = []
         self._calls = 0
@@ -268,6 +283,7 @@ class ConceptMonitor:
                 + (f" and {len(layers) - 6} more" if len(layers) > 6 else "")
                 + f"{self._when(epoch, step)}: training has blown up (learning rate too high?)",
                 i, epoch, step))
+            self._log_wandb(rec)
             return rec
         emb = project(stim, self.image_vectors)
         div = diversity_by_layer(emb, method=self.method)
@@ -285,6 +301,7 @@ class ConceptMonitor:
         rec = MonitorRecord(i, epoch, step, tag, div, col, moved, top1, metrics, time.perf_counter() - t0)
         self.records.append(rec)
         self._evaluate(rec)
+        self._log_wandb(rec)
         log.debug("monitor check %d%s: diversity %.3f, collapse %.2f, probe top-1 %s", i, self._when(epoch, step),
                   div.get(ALL, float("nan")), col.get(ALL, float("nan")), top1)
         return rec
@@ -340,6 +357,24 @@ class ConceptMonitor:
             unit = " nats" if kind == "diversity" else ""
             self._warn(ConceptWarning(kind, layers, f"{what}{when}{acc}: {detail}{unit}", rec.check, rec.epoch, rec.step,
                                       {l: fire[l] for l in layers}))
+
+    def _log_wandb(self, rec: MonitorRecord) -> None:
+        """One row per check in the W&B run (if any): the metrics per layer, probe accuracy, warnings so far."""
+        run = self.wandb_run
+        if run is None:
+            return
+        from ..exports.wandb_export import metric_row
+
+        if not self._wandb_ready:
+            run.define_metric(f"{WANDB_PREFIX}/check")
+            run.define_metric(f"{WANDB_PREFIX}/*", step_metric=f"{WANDB_PREFIX}/check")
+            self._wandb_ready = True
+        extra = {"check": rec.check, "epoch": None if rec.epoch is None else float(rec.epoch),
+                 "step": None if rec.step is None else int(rec.step), "probe_top1": rec.probe_top1,
+                 "finite": int(rec.finite), "warnings": len(self.warnings), "seconds": rec.seconds}
+        run.log(metric_row(WANDB_PREFIX, {"diversity": rec.diversity, "collapse": rec.collapse, "moved": rec.moved}, extra))
+        if self.warnings:
+            run.summary[f"{WANDB_PREFIX}/warning_messages"] = [w.message for w in self.warnings]
 
     def _warn(self, w: ConceptWarning) -> None:
         self.warnings.append(w)

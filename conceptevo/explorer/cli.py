@@ -72,11 +72,29 @@ def cmd_explore(args) -> int:
 
 
 def cmd_export(args) -> int:
+    from ..errors import ConceptEvoError
     from ..workspace import Workspace
-    from .export import export_site
 
-    index = export_site(Workspace(args.workspace), args.html, kmeans=args.kmeans)
-    print(f"static explorer: {index}  (open it in a browser; no server needed)")
+    if not args.wandb and (args.wandb_dir or args.wandb_name or args.wandb_project != "conceptevo"):
+        raise ConceptEvoError("--wandb-dir, --wandb-project and --wandb-name go with --wandb; add --wandb")
+    if not (args.html or args.tensorboard or args.wandb):
+        raise ConceptEvoError("export needs at least one of --html DIR, --tensorboard DIR, --wandb")
+    ws = Workspace(args.workspace)
+    if args.html:
+        from .export import export_site
+
+        index = export_site(ws, args.html, kmeans=args.kmeans)
+        print(f"static explorer: {index}  (open it in a browser; no server needed)")
+    if args.tensorboard:
+        from ..exports import export_tensorboard
+
+        config = export_tensorboard(ws, args.tensorboard)
+        print(f"TensorBoard projector: {config.parent}  (tensorboard --logdir {config.parent}, then the Projector tab)")
+    if args.wandb:
+        from ..exports import export_wandb
+
+        run_dir = export_wandb(ws, args.wandb_dir, project=args.wandb_project, name=args.wandb_name)
+        print(f"Weights & Biases offline run: {run_dir}  (upload it with: wandb sync {run_dir})")
     return 0
 
 
@@ -111,8 +129,14 @@ def add_commands(subparsers) -> None:
     e.add_argument("--open", action="store_true", help="open the page in the default browser")
     e.set_defaults(fn=cmd_explore)
 
-    x = subparsers.add_parser("export", help="the explorer as a static site (no server, no network)")
+    x = subparsers.add_parser("export", help="the space for other tools: a static explorer site, TensorBoard's projector, "
+                                             "a Weights & Biases run (no server, no network)")
     x.add_argument("workspace")
-    x.add_argument("--html", required=True, metavar="DIR", help="folder to write the site into")
-    x.add_argument("--kmeans", type=int, default=8)
+    x.add_argument("--html", metavar="DIR", help="folder to write the static explorer site into")
+    x.add_argument("--kmeans", type=int, default=8, help="K-means groups for the site's colouring")
+    x.add_argument("--tensorboard", metavar="DIR", help="folder to write TensorBoard projector embeddings into (needs tensorboard)")
+    x.add_argument("--wandb", action="store_true", help="log the units tables and diagnostics curves to an offline W&B run (needs wandb)")
+    x.add_argument("--wandb-dir", metavar="DIR", default=None, help="folder for the W&B run (default: the current folder)")
+    x.add_argument("--wandb-project", default="conceptevo", metavar="NAME", help="W&B project name (default conceptevo)")
+    x.add_argument("--wandb-name", default=None, metavar="NAME", help="W&B run name (default: the workspace's folder name)")
     x.set_defaults(fn=cmd_export)
