@@ -54,7 +54,7 @@ BLOCKS = [b for p in DOCS for b in python_blocks(p)]
 
 
 # -- contexts: what a block's reader is assumed to hold ---------------------------------------------
-def _two_checkpoints() -> dict:
+def _two_checkpoints(request) -> dict:
     """One small CNN after 'epoch 1' and 'epoch 3' (weights moved in between) and a pool of generated images."""
     from conceptevo.data import open_dataset
     from conceptevo.models import build_model
@@ -70,7 +70,39 @@ def _two_checkpoints() -> dict:
     return {"dataset": dataset, "model_e1": model_e1, "model_e3": model_e3}
 
 
-CONTEXTS = {"two-checkpoints": _two_checkpoints}
+def _demo_study(request) -> dict:
+    """A finished study at ./demo-out/study (the fabricated one, patches and an image embedding included),
+    with tensorboard and wandb installed and wandb offline, its folders under the test's own."""
+    import shutil
+
+    import numpy as np
+
+    import fabricated
+    from conceptevo.embedding import ImageEmbedding
+    from conceptevo.workspace import Workspace
+
+    pytest.importorskip("tensorboard")
+    pytest.importorskip("wandb")
+    monkeypatch = request.getfixturevalue("monkeypatch")
+    here = Path.cwd()
+    for var, sub in (("WANDB_DATA_DIR", "data"), ("WANDB_CACHE_DIR", "cache"), ("WANDB_CONFIG_DIR", "config"),
+                     ("WANDB_DIR", "runs")):
+        monkeypatch.setenv(var, str(here / "wandb-home" / sub))
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    src = fabricated.shared(request.getfixturevalue("tmp_path_factory")).path
+    dst = here / "demo-out" / "study"
+    shutil.copytree(src, dst)
+    ws = Workspace(dst)
+    n = ws.manifest["data"]["num_images"]
+    ImageEmbedding(np.random.default_rng(0).normal(size=(n, 5)).astype(np.float32), np.ones(n, dtype=bool),
+                   rmse=0.0).save(ws.path / "embedding" / "images")
+    ws.finish("embedding/images", "fabricated", {}, rmse=0.0)
+    return {}
+
+
+CONTEXTS = {"two-checkpoints": _two_checkpoints, "demo-study": _demo_study}
 
 
 def _kind(marker: str | None) -> tuple[str, str | None]:
@@ -114,7 +146,7 @@ def test_the_block_reader_finds_fences_markers_and_contexts(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("block", BLOCKS, ids=[f"{b['file']}:{b['line']}" for b in BLOCKS])
-def test_python_block_runs(block, tmp_path, monkeypatch):
+def test_python_block_runs(block, tmp_path, monkeypatch, request):
     kind, arg = _kind(block["marker"])
     code = compile(block["code"], f"{block['file']}:{block['line']}", "exec")
     if kind == "illustrative":
@@ -122,5 +154,5 @@ def test_python_block_runs(block, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     namespace = {"__name__": "__docs__"}
     if kind == "context":
-        namespace.update(CONTEXTS[arg]())
+        namespace.update(CONTEXTS[arg](request))
     exec(code, namespace)
