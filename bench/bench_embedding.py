@@ -46,21 +46,28 @@ def synthetic_stimuli(channels=VGG16_CHANNELS, k=10, pool=50_000, concepts=150, 
     ids = [f"features.{layer}:{c}" for layer, ch in enumerate(channels) for c in range(ch)]
     groups = rng.permutation(pool)[: concepts * group].reshape(concepts, group)
     concept = rng.integers(0, concepts, n)
-    weights = 1.0 / np.arange(1, group + 1)
-    weights /= weights.sum()
-    indices = np.empty((n, k), np.int64)
-    for i in range(n):
-        chosen = list(rng.choice(groups[concept[i]], own, replace=False, p=weights))
-        while len(chosen) < k:
-            x = int(rng.integers(pool))
-            if x not in chosen:
-                chosen.append(x)
-        indices[i] = chosen
+    indices = planted_indices(concept, groups, k, pool, own, rng)
     stimuli = types.SimpleNamespace(neuron_ids=ids, indices=indices, values=np.zeros((n, k), np.float32),
                                     num_images=pool)
     image_concept = np.full(pool, -1)
     image_concept[groups] = np.arange(concepts)[:, None]
     return stimuli, concept, image_concept
+
+
+def planted_indices(concept, groups, k, pool, own, rng):
+    """Stimuli ``[N, k]``: ``own`` images from the neuron's concept group (popular ones more often), the rest from the pool."""
+    group = groups.shape[1]
+    weights = 1.0 / np.arange(1, group + 1)
+    weights /= weights.sum()
+    indices = np.empty((len(concept), k), np.int64)
+    for i, c in enumerate(concept):
+        chosen = list(rng.choice(groups[c], own, replace=False, p=weights))
+        while len(chosen) < k:
+            x = int(rng.integers(pool))
+            if x not in chosen:
+                chosen.append(x)
+        indices[i] = chosen
+    return indices
 
 
 def synthetic_responses(stimuli, concept, image_concept, top=10, seed=3):

@@ -266,7 +266,9 @@ class Workspace:
             lines.append(f"  base: {self.base[0]} {self.base[1]}")
         rec = self.stage("embedding/images")
         if rec and isinstance(rec.get("rmse"), (int, float)):
-            lines.append(f"  image embedding RMSE {rec['rmse']:.4f}")
+            from .embedding.images import fit_summary
+
+            lines.append(f"  image embedding: {fit_summary(rec)}")
         lines.append(f"  stages finished: {len(self.manifest['stages'])}")
         return "\n".join(lines)
 
