@@ -4,8 +4,10 @@ How faithful is the space users get? On a *planted-concept* stimulus set the
 truth is known: every neuron belongs to one of ``C`` concepts and takes
 ``own`` of its k = 10 stimuli from its concept's group of 100 images (popular
 images more often, 1/rank weights) and the rest at random from a
-50,000-image pool. At 4,224 neurons (VGG16's convolutions) and 200 concepts,
-J1 levels off within ~100 epochs while neighbourhoods keep improving.
+50,000-image pool (scaled with the number of neurons, so that every size has
+the same share of chance co-activations). At 4,224 neurons (VGG16's
+convolutions) and 200 concepts, J1 levels off within ~100 epochs while
+neighbourhoods keep improving.
 
 For every run (one row) the script reports, over ``--seeds`` seeds:
 
@@ -80,8 +82,11 @@ class Case:
     num_images: int
 
 
-def planted_case(neurons: int, concepts: int, own: int = 4, group: int = 100, pool: int = 50_000, k: int = 10,
+def planted_case(neurons: int, concepts: int, own: int = 4, group: int = 100, pool: int | None = None, k: int = 10,
                  switch: float = 0.1, seed: int = 0) -> Case:
+    """``pool`` defaults to 50,000 images per 4,224 neurons, so that every size has the same share of chance
+    co-activations (random stimuli shared by two neurons)."""
+    pool = pool or round(50_000 * neurons / sum(VGG16_CHANNELS))
     rng = np.random.default_rng(seed)
     scale = neurons / sum(VGG16_CHANNELS)
     channels = [max(1, round(c * scale)) for c in VGG16_CHANNELS]

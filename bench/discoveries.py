@@ -414,9 +414,10 @@ def build_space_generic(s, data, run_dirs, arch, root, device, in_ch):
     return ws
 
 
-def update_docs(doc: Path, section: str) -> None:
-    text = doc.read_text() if doc.exists() else "<!-- measured -->\n<!-- /measured -->\n"
-    a, b = "<!-- measured -->", "<!-- /measured -->"
+def update_docs(doc: Path, section: str, marker: str = "measured") -> None:
+    """Put ``section`` between the ``<!-- marker -->`` and ``<!-- /marker -->`` lines of ``doc`` (added at the end if absent)."""
+    a, b = f"<!-- {marker} -->", f"<!-- /{marker} -->"
+    text = doc.read_text() if doc.exists() else f"{a}\n{b}\n"
     if a not in text or b not in text:
         text += f"\n{a}\n{b}\n"
     head, rest = text.split(a, 1)

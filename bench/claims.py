@@ -1,0 +1,432 @@
+"""Two of the paper's Sec 4.5 claims, measured on CPU over several seeds (docs/results-discoveries.md).
+
+1. **Learn, then collapse** (``--part collapse``). A VGG-like without BatchNorm
+   (as VGG16 has none; He-initialised, since PyTorch's default initialisation
+   leaves an 8-layer plain ReLU net unable to learn at all), width 8, on a fixed
+   6,000-image subset of Fashion-MNIST, SGD with momentum 0.9, batch 64.
+   It learns at lr 0.05 for ``--sound-steps`` steps; then the learning rate
+   grows by ``--ramp`` per step (x1.005: it doubles every 139 steps) until the
+   run has been at chance for a while. Before this ramp was chosen, constant
+   rates were tried: 0.05-0.125 learned without collapsing in 1,200 steps,
+   >= 0.15 never learned, and a jump from 0.05 to 0.2 collapsed within 25 steps.
+   A *control* run of the same seed keeps lr 0.05. A
+   :class:`~conceptevo.diagnostics.ConceptMonitor` built on a base space
+   (a separate sound run of the same architecture, through the ordinary
+   pipeline) checks every ``--every`` steps: concept diversity, collapse,
+   warnings; training accuracy is measured on 1,000 fixed training images.
+   Reported per seed: when accuracy and diversity each lost half of their fall
+   (peak -> end), the first warning, and the first check at chance accuracy
+   (<= 0.15 after passing 0.5) -- how many checks earlier the monitor warned.
+2. **The dropout gap** (``--part dropout``). Per seed, the built-in VGG-like
+   (BatchNorm) with and without dropout, width 8, 2 epochs on a fixed
+   5,000-image subset, a checkpoint every 5 steps; one study per seed
+   (base: the with-dropout model's last checkpoint; the pipeline's defaults);
+   the mean distance neurons move between the checkpoints nearest 0.25 -> 0.5
+   and 0.5 -> 0.75 training accuracy (``milestone_speed``), divided by the
+   accuracy actually gained between those checkpoints (the checkpoints do not
+   sit exactly on the milestones). Reported: per seed, and mean +- sd over seeds
+   of the ratio without / with dropout.
+
+Writes ``OUT/claims.json``, figures ``OUT/collapse.png``, ``OUT/dropout.png``
+and Markdown tables ``OUT/claims.md`` (``--docs FILE`` copies them between the
+``<!-- claims -->`` markers of FILE).
+
+Usage::
+
+    python bench/claims.py --out /tmp/claims --seeds 3          # about 30 min on 2 busy CPU cores
+    python bench/claims.py --out /tmp/claims --part dropout --seeds 5
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from conceptevo.config import (BaseConfig, DataConfig, LayoutConfig, ModelConfig, StimuliConfig,  # noqa: E402
+                               StudyConfig)
+from conceptevo.data import find_fashion_mnist, open_dataset, sample_pool  # noqa: E402
+from conceptevo.data.loader import iter_batches  # noqa: E402
+from conceptevo.io import read_json, save_figure, write_json  # noqa: E402
+from conceptevo.models import build_model  # noqa: E402
+from conceptevo.models.train import TrainConfig, accuracy, train  # noqa: E402
+from conceptevo.pipeline import run_study  # noqa: E402
+
+log = logging.getLogger("claims")
+CHANCE = 0.15          # "at chance": training top-1 at most this (10 classes)
+LEARNED = 0.5          # ... after the run had passed this
+
+
+@dataclasses.dataclass
+class Settings:
+    width: int = 8
+    batch: int = 64
+    train_images: int = 6000
+    sound_lr: float = 0.05
+    sound_steps: int = 400
+    ramp: float = 1.005
+    after_chance: int = 100          # steps to keep going once at chance
+    max_steps: int = 1400
+    every: int = 10                  # monitor check interval (steps)
+    base_steps: int = 800            # the separate sound run that defines the monitor's space
+    pool: int = 2000
+    probe: int = 1000
+    # dropout gap
+    d_width: int = 8
+    d_images: int = 5000
+    d_epochs: float = 2
+    d_every: int = 5
+
+
+def he_init(model: nn.Module, seed: int) -> nn.Module:
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            fan_in = m.weight[0].numel()
+            with torch.no_grad():
+                m.weight.copy_(torch.randn(m.weight.shape, generator=g) * math.sqrt(2.0 / fan_in))
+                m.bias.zero_()
+    return model
+
+
+def plain_vgg(s: Settings, seed: int) -> nn.Module:
+    return he_init(build_model("vgg_like", in_channels=1, num_classes=10, width=s.width, batchnorm=False, seed=seed), seed)
+
+
+# ------------------------------------------------------------------------------------------------
+# 1. learn, then collapse
+# ------------------------------------------------------------------------------------------------
+def base_study(s: Settings, data_dir: str, root: Path):
+    """A sound run of the plain VGG-like (lr 0.05, cosine) and its study: the monitor's space."""
+    run = root / "base-run"
+    if not (run / "checkpoints.json").exists():
+        tr = open_dataset("fashion-mnist", data_dir, split="train")
+        te = open_dataset("fashion-mnist", data_dir, split="test")
+        sub = sample_pool(tr, s.train_images, seed=0)
+        tc = TrainConfig(epochs=s.base_steps * s.batch / s.train_images, lr=s.sound_lr, batch_size=s.batch, seed=0,
+                         first_epoch_checkpoints=1)
+        train(plain_vgg(s, 100), sub, te, run, tc, progress=False)
+    last = read_json(run / "checkpoints.json")["checkpoints"][-1]["path"]     # the base: the run's last checkpoint
+    config = StudyConfig(out=str(root / "base-study"), data=DataConfig(kind="fashion-mnist", path=data_dir, pool=s.pool),
+                         models=[ModelConfig("plain", "vgg_like", [last], {"width": s.width, "batchnorm": False})],
+                         stimuli=StimuliConfig(k=10), layout=LayoutConfig(method="pca")).validate()
+    return run_study(config, progress=False)
+
+
+def collapse_run(s: Settings, data_dir: str, ws_path, seed: int, ramp: bool) -> dict:
+    from conceptevo.diagnostics import monitor_from_workspace
+
+    torch.manual_seed(seed)
+    tr = open_dataset("fashion-mnist", data_dir, split="train")
+    sub = np.sort(np.random.default_rng(seed).choice(len(tr), s.train_images, replace=False))
+    ev = sub[np.random.default_rng(seed + 1).choice(len(sub), 1000, replace=False)]
+    model = plain_vgg(s, seed)
+    opt = torch.optim.SGD(model.parameters(), lr=s.sound_lr, momentum=0.9, weight_decay=5e-4)
+    mon = monitor_from_workspace(ws_path, probe_size=s.probe, k=10)
+    loss_fn = nn.CrossEntropyLoss()
+    step, epoch, lrs, at_chance = 0, 0, [], None
+    t0 = time.perf_counter()
+
+    def check():
+        acc = accuracy(model, tr, ev)["top1"]
+        mon.check(model, epoch=step * s.batch / s.train_images, step=step, tag=f"s{step}",
+                  metrics={"train_top1": acc, "lr": opt.param_groups[0]["lr"]})
+        model.train()
+        return acc
+
+    learned = False
+    check()
+    while step < s.max_steps:
+        for x, y, _ in iter_batches(tr, s.batch, shuffle=True, seed=seed * 1000 + epoch, positions=sub):
+            model.train()
+            loss = loss_fn(model(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+            if ramp and step > s.sound_steps:
+                for g in opt.param_groups:
+                    g["lr"] *= s.ramp
+            if step % s.every == 0:
+                acc = check()
+                learned |= acc > LEARNED
+                if learned and acc <= CHANCE and at_chance is None:
+                    at_chance = step
+            if step >= s.max_steps or (at_chance is not None and step >= at_chance + s.after_chance):
+                break
+        epoch += 1
+        if at_chance is not None and step >= at_chance + s.after_chance:
+            break
+    recs = mon.records
+    return {"seed": seed, "ramp": ramp, "seconds": time.perf_counter() - t0,
+            "steps": [r.step for r in recs], "lr": [r.metrics["lr"] for r in recs],
+            "train_top1": [r.metrics["train_top1"] for r in recs],
+            "diversity": [r.diversity.get("all") for r in recs],
+            "collapse": [r.collapse.get("all") for r in recs],
+            "warnings": [{"check": w.check, "step": w.step, "kind": w.kind, "layers": w.layers} for w in mon.warnings]}
+
+
+def half_fall(steps, values, start_step) -> int | None:
+    """First step (after start_step) where ``values`` lost half of its fall from its peak before that step to its end."""
+    v = np.asarray([np.nan if x is None else x for x in values], float)
+    st = np.asarray(steps)
+    after = np.flatnonzero(st >= start_step)
+    if after.size == 0:
+        return None
+    i_peak = after[0] + int(np.nanargmax(v[after[0]:]))
+    end = float(np.nanmean(v[-3:]))
+    fall = v[i_peak] - end
+    if not fall > 0:
+        return None
+    below = np.flatnonzero((np.arange(len(v)) > i_peak) & (v <= v[i_peak] - fall / 2))
+    return int(st[below[0]]) if below.size else None
+
+
+def summarise_collapse(run: dict, s: Settings) -> dict:
+    steps, acc = run["steps"], run["train_top1"]
+    learned = next((i for i, a in enumerate(acc) if a > LEARNED), None)
+    chance = None if learned is None else next((i for i in range(learned, len(acc)) if acc[i] <= CHANCE), None)
+    first = run["warnings"][0] if run["warnings"] else None
+    out = {"seed": run["seed"], "ramp": run["ramp"], "peak_train_top1": max(acc),
+           "first_chance_step": None if chance is None else steps[chance],
+           "first_warning_step": None if first is None else first["step"],
+           "first_warning": first,
+           "acc_half_fall_step": half_fall(steps, acc, s.sound_steps) if run["ramp"] else None,
+           "div_half_fall_step": half_fall(steps, run["diversity"], s.sound_steps) if run["ramp"] else None}
+    if chance is not None and first is not None:
+        out["warning_checks_before_chance"] = chance - first["check"]
+        out["warning_train_top1"] = acc[first["check"]]
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# 2. the dropout gap
+# ------------------------------------------------------------------------------------------------
+def dropout_seed(s: Settings, data_dir: str, root: Path, seed: int) -> dict:
+    from conceptevo.diagnostics import milestone_speed
+
+    tr = open_dataset("fashion-mnist", data_dir, split="train")
+    te = open_dataset("fashion-mnist", data_dir, split="test")
+    sub = sample_pool(tr, s.d_images, seed=seed)
+    models = []
+    for name, arch in (("dropout", "vgg_like"), ("no-dropout", "vgg_like_nodropout")):
+        d = root / f"seed{seed}" / name
+        tc = TrainConfig(epochs=s.d_epochs, lr=0.05, batch_size=128, seed=seed, every_steps=s.d_every)
+        if not (d / "checkpoints.json").exists() or read_json(d / "checkpoints.json").get("config") != \
+                dataclasses.asdict(tc):
+            train(build_model(arch, in_channels=1, num_classes=10, width=s.d_width, seed=seed), sub, te, d, tc,
+                  progress=False)
+        models.append(ModelConfig(name, arch, str(d), {"width": s.d_width}))
+    config = StudyConfig(out=str(root / f"seed{seed}" / "study"),
+                         data=DataConfig(kind="fashion-mnist", path=data_dir, pool=s.pool, seed=seed), models=models,
+                         base=BaseConfig(model="dropout"), stimuli=StimuliConfig(k=10),
+                         layout=LayoutConfig(method="pca")).validate()
+    ws = run_study(config, progress=False)
+    out = {"seed": seed}
+    for name in ("dropout", "no-dropout"):
+        stages = milestone_speed(ws, name, (0.25, 0.5, 0.75), tolerance=0.15)
+        cks = ws.checkpoints(name)
+        out[name] = [{"from": st["from"], "to": st["to"], "accuracy": st["accuracy"], "distance": st["mean"],
+                      "per_accuracy": st["mean"] / (st["accuracy"][1] - st["accuracy"][0])
+                      if st["accuracy"][1] > st["accuracy"][0] else None} for st in stages]
+        out[name + "_final"] = {k: cks[-1].metrics[k] for k in ("train_top1", "test_top1")}
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# figures and text
+# ------------------------------------------------------------------------------------------------
+def figure_collapse(runs: list[dict], summaries: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ramped = [(r, m) for r, m in zip(runs, summaries) if r["ramp"]]
+    control = {r["seed"]: r for r in runs if not r["ramp"]}
+    fig, axes = plt.subplots(2, len(ramped), figsize=(4.2 * len(ramped), 5.6), sharex="col", squeeze=False)
+    for j, (r, m) in enumerate(ramped):
+        ax, ax2 = axes[0, j], axes[1, j]
+        c = control.get(r["seed"])
+        ax.plot(r["steps"], r["train_top1"], color="C0", label="too-high lr: train top-1")
+        if c:
+            ax.plot(c["steps"], c["train_top1"], color="C0", alpha=0.35, ls="--", label="control (lr 0.05)")
+        ax2.plot(r["steps"], r["diversity"], color="C3", label="too-high lr: diversity")
+        if c:
+            ax2.plot(c["steps"], c["diversity"], color="C3", alpha=0.35, ls="--", label="control")
+        for a in (ax, ax2):
+            a.axvline(s_default.sound_steps, color="grey", lw=0.8)
+            if m["first_warning_step"] is not None:
+                a.axvline(m["first_warning_step"], color="k", ls=":", lw=1.2)
+            if m["first_chance_step"] is not None:
+                a.axvline(m["first_chance_step"], color="C0", ls="-.", lw=1)
+        for a, key in ((ax, "acc_half_fall_step"), (ax2, "div_half_fall_step")):
+            if m[key] is not None:
+                a.plot([m[key]], [np.interp(m[key], r["steps"], [np.nan if v is None else v for v in
+                                                                (r["train_top1"] if a is ax else r["diversity"])])],
+                       "v", color="k", ms=7)
+        ax.set_title(f"seed {r['seed']}: lr x{s_default.ramp:g}/step after step {s_default.sound_steps}", fontsize=9)
+        ax.set_ylabel("training top-1")
+        ax2.set_ylabel("concept diversity (nats)")
+        ax2.set_xlabel("step")
+        if j == 0:
+            ax.legend(fontsize=7, loc="lower left")
+            ax2.legend(fontsize=7, loc="lower left")
+    fig.suptitle("Learn, then collapse: grey = ramp starts, dotted = first monitor warning, dash-dot = first check "
+                 "at chance, triangle = half of the fall", fontsize=8)
+    fig.tight_layout()
+    save_figure(fig, path, dpi=110)
+    plt.close(fig)
+
+
+def figure_dropout(seeds: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(8, 3.4))
+    for ax, i, name in ((axes[0], 0, "0.25 -> 0.5"), (axes[1], 1, "0.5 -> 0.75")):
+        for k, (model, color) in enumerate((("dropout", "C0"), ("no-dropout", "C1"))):
+            vals = [r[model][i]["per_accuracy"] for r in seeds]
+            x = np.full(len(vals), k) + np.linspace(-0.12, 0.12, len(vals))
+            ax.plot(x, vals, "o", color=color, alpha=0.8)
+            ax.errorbar([k + 0.3], [np.mean(vals)], yerr=[np.std(vals, ddof=1) if len(vals) > 1 else 0], fmt="s",
+                        color=color, capsize=4)
+        ax.set_xticks([0, 1], ["with dropout", "without"])
+        ax.set_title(f"train top-1 {name}", fontsize=9)
+        ax.set_ylabel("distance moved per accuracy gained")
+    fig.suptitle(f"Dropout gap over {len(seeds)} seeds (dots: seeds; squares: mean +- sd)", fontsize=9)
+    fig.tight_layout()
+    save_figure(fig, path, dpi=110)
+    plt.close(fig)
+
+
+def _f(x, spec=".3f"):
+    return "-" if x is None or (isinstance(x, float) and not math.isfinite(x)) else format(x, spec)
+
+
+def markdown(res: dict) -> str:
+    L = []
+    if "collapse" in res:
+        s = res["settings"]
+        L += [f"Measured with `bench/claims.py` (CPU). VGG-like without BatchNorm, width {s['width']}, He-initialised, "
+              f"{s['train_images']} fixed Fashion-MNIST training images, batch {s['batch']}, SGD momentum 0.9; lr "
+              f"{s['sound_lr']} for {s['sound_steps']} steps, then x{s['ramp']} per step (control: lr {s['sound_lr']} "
+              f"throughout); the monitor (default thresholds) checks every {s['every']} steps on a {s['probe']}-image "
+              f"probe, in the space of a separate sound run.", "",
+              "| seed | run | peak train top-1 | accuracy half-fall (step) | diversity half-fall (step) | first warning "
+              "(step, kind) | its train top-1 | first check at chance (step) | warning, checks before chance |",
+              "|---|---|---|---|---|---|---|---|---|"]
+        for m in res["collapse"]["summaries"]:
+            fw = m["first_warning"]
+            warn = "none" if fw is None else f"{fw['step']} ({fw['kind']}: {', '.join(fw['layers'][:3])})"
+            L.append(f"| {m['seed']} | {'too-high lr' if m['ramp'] else 'control'} | {_f(m['peak_train_top1'])} | "
+                     f"{_f(m['acc_half_fall_step'], 'd')} | {_f(m['div_half_fall_step'], 'd')} | {warn} | "
+                     f"{_f(m.get('warning_train_top1'))} | {_f(m['first_chance_step'], 'd')} | "
+                     f"{_f(m.get('warning_checks_before_chance'), 'd')} |")
+        L.append("")
+    if "dropout" in res:
+        seeds = res["dropout"]
+        L += ["| seed | stage | with dropout: checkpoints (acc) | distance | per accuracy | without: checkpoints (acc) | "
+              "distance | per accuracy | ratio without / with |", "|---|---|---|---|---|---|---|---|---|"]
+        ratios = {0: [], 1: []}
+        for r in seeds:
+            for i, stage in enumerate(("0.25->0.5", "0.5->0.75")):
+                a, b = r["dropout"][i], r["no-dropout"][i]
+                ratio = b["per_accuracy"] / a["per_accuracy"] if a["per_accuracy"] and b["per_accuracy"] else None
+                if ratio is not None:
+                    ratios[i].append(ratio)
+                L.append(f"| {r['seed']} | {stage} | {a['from']}->{a['to']} ({a['accuracy'][0]:.2f}->{a['accuracy'][1]:.2f}) | "
+                         f"{_f(a['distance'])} | {_f(a['per_accuracy'])} | {b['from']}->{b['to']} "
+                         f"({b['accuracy'][0]:.2f}->{b['accuracy'][1]:.2f}) | {_f(b['distance'])} | "
+                         f"{_f(b['per_accuracy'])} | {_f(ratio)} |")
+        L += ["", "| stage | with dropout: per accuracy, mean ± sd | without | ratio without / with, mean ± sd | "
+              "seeds with a smaller ratio than 1 | paper (distance, not per accuracy) |", "|---|---|---|---|---|---|"]
+        paper = {0: "0.991 / 0.746 = 0.75", 1: "0.989 / 0.657 = 0.66"}
+        for i, stage in enumerate(("0.25->0.5", "0.5->0.75")):
+            a = [r["dropout"][i]["per_accuracy"] for r in seeds]
+            b = [r["no-dropout"][i]["per_accuracy"] for r in seeds]
+            rr = ratios[i]
+            L.append(f"| {stage} | {np.mean(a):.3f} ± {np.std(a, ddof=1):.3f} | {np.mean(b):.3f} ± {np.std(b, ddof=1):.3f} | "
+                     f"{np.mean(rr):.3f} ± {np.std(rr, ddof=1):.3f} | {sum(x < 1 for x in rr)} of {len(rr)} | {paper[i]} |")
+        fin = [(r["dropout_final"], r["no-dropout_final"]) for r in seeds]
+        L += ["", "Final accuracies (mean over seeds), train / test: with dropout "
+              f"{np.mean([a['train_top1'] for a, _ in fin]):.3f} / {np.mean([a['test_top1'] for a, _ in fin]):.3f}; "
+              f"without {np.mean([b['train_top1'] for _, b in fin]):.3f} / {np.mean([b['test_top1'] for _, b in fin]):.3f}.", ""]
+    return "\n".join(L) + "\n"
+
+
+s_default = Settings()
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default="claims-out")
+    p.add_argument("--part", choices=("collapse", "dropout", "both"), default="both")
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--data", default=None)
+    p.add_argument("--docs", default=None)
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+    for noisy in ("numba", "matplotlib", "PIL", "conceptevo"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    torch.set_num_threads(args.threads)
+    data_dir = args.data or find_fashion_mnist()
+    if not data_dir:
+        print("Fashion-MNIST not found; give --data", file=sys.stderr)
+        return 2
+    data_dir = str(Path(data_dir).resolve())
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    s = s_default
+    res_path = out / "claims.json"
+    res = read_json(res_path) if res_path.exists() else {}
+    res["settings"] = dataclasses.asdict(s)
+    t0 = time.perf_counter()
+    if args.part in ("collapse", "both"):
+        ws = base_study(s, data_dir, out)
+        log.info("base space ready at %.0f s", time.perf_counter() - t0)
+        runs = []
+        for seed in range(args.seeds):
+            for ramp in (True, False):
+                runs.append(collapse_run(s, data_dir, ws.path, seed, ramp))
+                log.info("collapse seed %d ramp %s done at %.0f s", seed, ramp, time.perf_counter() - t0)
+        summaries = [summarise_collapse(r, s) for r in runs]
+        res["collapse"] = {"runs": runs, "summaries": summaries}
+        write_json(res_path, res)
+        figure_collapse(runs, summaries, out / "collapse.png")
+    if args.part in ("dropout", "both"):
+        seeds = []
+        for seed in range(args.seeds):
+            seeds.append(dropout_seed(s, data_dir, out / "dropout", seed))
+            log.info("dropout seed %d done at %.0f s", seed, time.perf_counter() - t0)
+        res["dropout"] = seeds
+        write_json(res_path, res)
+        figure_dropout(seeds, out / "dropout.png")
+    res.setdefault("seconds", {})[args.part] = time.perf_counter() - t0
+    write_json(res_path, res)
+    md = markdown(res)
+    (out / "claims.md").write_text(md)
+    if args.docs:
+        from discoveries import update_docs
+
+        update_docs(Path(args.docs), md, marker="claims")
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
