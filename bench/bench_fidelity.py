@@ -154,7 +154,8 @@ def runs(quick: bool) -> list[tuple[str, dict | None]]:
     if quick:
         return [("before (constant lr, J1 stop)", None), ("constant, 1000 epochs", dict(lr_schedule="constant", epochs=1000)),
                 ("linear, 300 epochs", dict(lr_schedule="linear", epochs=300)),
-                ("linear, 1000 epochs", dict(lr_schedule="linear", epochs=1000))]
+                ("linear, 1000 epochs", dict(lr_schedule="linear", epochs=1000)),
+                ("linear, 2000 epochs", dict(lr_schedule="linear", epochs=2000))]
     return ([("before (constant lr, J1 stop)", None)]
             + [(f"constant, {e} epochs", dict(lr_schedule="constant", epochs=e)) for e in (100, 300, 1000, 2000)]
             + [("constant, neighbour stop (max 2000)", dict(lr_schedule="constant", epochs=2000, **stop))]
@@ -260,7 +261,7 @@ def main(argv=None) -> int:
     ap.add_argument("--sizes", default="1056,4224", help="neurons of the planted sets (concepts: 1 per ~21 neurons)")
     ap.add_argument("--seeds", type=int, default=2)
     ap.add_argument("--own", type=int, default=4, help="stimuli a neuron takes from its concept's group")
-    ap.add_argument("--quick", action="store_true", help="four runs per set")
+    ap.add_argument("--quick", action="store_true", help="five runs per set")
     ap.add_argument("--workspace", action="append", default=[], help="also measure a workspace's base stimuli")
     ap.add_argument("--markdown", action="store_true")
     args = ap.parse_args(argv)

@@ -306,8 +306,9 @@ def test_j2_is_zero_and_minimum_norm_when_underdetermined(clustered, base):
     stimuli, _ = clustered
     img = embed_images(stimuli, base)
     assert img.rmse < 1e-6 and img.info["relative_error"] < 1e-6 and img.info["determined"] == "under"
-    text = fit_summary(dict(img.info, rmse=img.rmse, holdout_relative=0.25))
+    text = fit_summary(dict(img.info, rmse=img.rmse, holdout_relative=0.25, holdout_self_match=0.9))
     assert "exact fit (" in text and "says nothing about faithfulness" in text and "land 0.25 of a typical" in text
+    assert text.endswith("90% of them nearer their own learned vector than any other neuron's")
     A, images, rows = stimulus_matrix(stimuli.indices)
     W = np.linalg.pinv(A.toarray()) @ base.vectors.astype(np.float64)
     np.testing.assert_allclose(img.vectors[images], W, atol=1e-4)
@@ -443,3 +444,4 @@ def test_fit_layout_bad_params(base, kwargs, name):
 
     with pytest.raises(ConceptEvoError, match=name):
         fit_layout(base, **kwargs)
+

@@ -430,6 +430,9 @@ def fit_summary(record: dict) -> str:
     if isinstance(hold, (int, float)):
         text += (f"; base neurons held out of the fit land {hold:.2f} of a typical inter-neuron distance from their "
                  f"learned vectors (0 = exactly, ~1 = no better than a random neuron)")
+        match = record.get("holdout_self_match")
+        if isinstance(match, (int, float)):
+            text += f", {match:.0%} of them nearer their own learned vector than any other neuron's"
     return text
 
 

@@ -17,14 +17,15 @@ a fresh random order, and applies Algorithm 1's update to each pair in turn::
     v_m += lr * [(1 - s(v_n.v_m)) v_n - sum_{r in R_m} s(v_m.v_r) v_r]     (Eq 13)
 
 Both gradients are taken at the vectors as they were before the pair's update.
+As in Algorithm 1 only ``v_n`` and ``v_m`` move; negative neurons' vectors are
+read, not updated. A neuron that is never in a pair therefore keeps its initial
+vector.
+
 The learning rate is the paper's 0.05, by default decayed linearly over the run
 (epoch e of E uses ``lr * max(1 - e/E, 1e-4)``, as word2vec does); the paper's
 constant rate (``lr_schedule="constant"``) leaves the vectors jittering with
 the last pairs' updates, so nearest neighbours keep changing and fewer of them
 share a concept (docs/fidelity.md measures both).
-As in Algorithm 1 only ``v_n`` and ``v_m`` move; negative neurons' vectors are
-read, not updated. A neuron that is never in a pair therefore keeps its initial
-vector.
 
 The per-pair loop runs in a numba kernel over flat ``heads``/``tails``/negative
 arrays (single-threaded, so results are deterministic given the seed, with all
