@@ -14,11 +14,13 @@
    (a separate sound run of the same architecture, through the ordinary
    pipeline) checks every ``--every`` steps: concept diversity, collapse,
    warnings; training accuracy is measured on 1,000 fixed training images.
-   Reported per seed: when accuracy and diversity each lost half of their fall
-   (peak -> end), the first warning, and the first check at chance accuracy
-   (<= 0.15 after passing 0.5) -- how many checks earlier the monitor warned.
+   Reported per seed: when the run's accuracy and its diversity each departed
+   from the control's (the same seed, identical until the ramp: more than the
+   control's own check-to-check noise below it, at two checks in a row), the
+   first warning, and the first check at chance accuracy (<= 0.15 after
+   passing 0.5) -- how many checks earlier the monitor warned.
 2. **The dropout gap** (``--part dropout``). Per seed, the built-in VGG-like
-   (BatchNorm) with and without dropout, width 8, 3 epochs on a fixed
+   (BatchNorm) with and without dropout, width 8, 5 epochs on a fixed
    5,000-image subset, a checkpoint every 5 steps; one study per seed
    (base: the with-dropout model's last checkpoint; the pipeline's defaults);
    the mean distance neurons move between the checkpoints nearest 0.25 -> 0.5
@@ -40,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import math
 import sys
@@ -86,7 +89,7 @@ class Settings:
     # dropout gap
     d_width: int = 8
     d_images: int = 5000
-    d_epochs: float = 3
+    d_epochs: float = 5
     d_every: int = 5
 
 
@@ -178,37 +181,56 @@ def collapse_run(s: Settings, data_dir: str, ws_path, seed: int, ramp: bool) -> 
             "warnings": [{"check": w.check, "step": w.step, "kind": w.kind, "layers": w.layers} for w in mon.warnings]}
 
 
-def half_fall(steps, values, start_step) -> int | None:
-    """First step (after start_step) where ``values`` lost half of its fall from its peak before that step to its end."""
-    v = np.asarray([np.nan if x is None else x for x in values], float)
+def departure(steps, values, control_steps, control, start_step) -> tuple[int | None, float]:
+    """First check (from start_step) where ``values`` fell below the control run's by more than its noise.
+
+    The two runs are the same seed, identical until the ramp starts, so their difference is the ramp's effect
+    plus noise. Noise: the standard deviation of the control's check-to-check changes after start_step (a
+    difference of two noisy values). A departure is the first of two consecutive checks where control - values
+    exceeds twice that (a blown-up run, whose value is undefined, counts as below). Returns (step, threshold).
+    """
     st = np.asarray(steps)
-    after = np.flatnonzero(st >= start_step)
-    if after.size == 0:
-        return None
-    i_peak = after[0] + int(np.nanargmax(v[after[0]:]))
-    end = float(np.nanmean(v[-3:]))
-    fall = v[i_peak] - end
-    if not fall > 0:
-        return None
-    below = np.flatnonzero((np.arange(len(v)) > i_peak) & (v <= v[i_peak] - fall / 2))
-    return int(st[below[0]]) if below.size else None
+    v = np.asarray([np.nan if x is None else x for x in values], float)
+    c = np.asarray([np.nan if x is None else x for x in control], float)
+    n = min(len(v), len(c))
+    after = np.flatnonzero(st[:n] >= start_step)
+    threshold = 2 * float(np.nanstd(np.diff(c[np.asarray(control_steps) >= start_step]), ddof=1))
+    assert list(control_steps[:n]) == list(st[:n]), "the two runs must be checked at the same steps"
+    below = [(not np.isfinite(v[i])) or (c[i] - v[i] > threshold) for i in after]
+    for j in range(len(below) - 1):
+        if below[j] and below[j + 1]:
+            return int(st[after[j]]), threshold
+    return None, threshold
 
 
-def summarise_collapse(run: dict, s: Settings) -> dict:
+def summarise_collapse(run: dict, s: Settings, control: dict | None = None) -> dict:
     steps, acc = run["steps"], run["train_top1"]
     learned = next((i for i, a in enumerate(acc) if a > LEARNED), None)
     chance = None if learned is None else next((i for i in range(learned, len(acc)) if acc[i] <= CHANCE), None)
     first = run["warnings"][0] if run["warnings"] else None
     out = {"seed": run["seed"], "ramp": run["ramp"], "peak_train_top1": max(acc),
            "first_chance_step": None if chance is None else steps[chance],
-           "first_warning_step": None if first is None else first["step"],
-           "first_warning": first,
-           "acc_half_fall_step": half_fall(steps, acc, s.sound_steps) if run["ramp"] else None,
-           "div_half_fall_step": half_fall(steps, run["diversity"], s.sound_steps) if run["ramp"] else None}
+           "first_chance_lr": None if chance is None else run["lr"][chance],
+           "first_warning_step": None if first is None else first["step"], "first_warning": first}
+    if run["ramp"] and control is not None:
+        for key, name in (("train_top1", "acc"), ("diversity", "div")):
+            out[f"{name}_departure_step"], out[f"{name}_noise"] = departure(steps, run[key], control["steps"], control[key],
+                                                                            s.sound_steps)
+        d = out["div_departure_step"]
+        if d is not None:
+            i = steps.index(d)
+            out["at_div_departure"] = {"train_top1": acc[i], "control_train_top1": control["train_top1"][i],
+                                       "diversity": run["diversity"][i], "control_diversity": control["diversity"][i],
+                                       "lr": run["lr"][i]}
     if chance is not None and first is not None:
         out["warning_checks_before_chance"] = chance - first["check"]
         out["warning_train_top1"] = acc[first["check"]]
     return out
+
+
+def summarise_all(runs: list[dict], s: Settings) -> list[dict]:
+    controls = {r["seed"]: r for r in runs if not r["ramp"]}
+    return [summarise_collapse(r, s, controls.get(r["seed"])) for r in runs]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -252,6 +274,8 @@ def dropout_seed(s: Settings, data_dir: str, root: Path, seed: int) -> dict:
 # figures and text
 # ------------------------------------------------------------------------------------------------
 def figure_collapse(runs: list[dict], summaries: list[dict], path: Path) -> None:
+    """Per seed (rows): accuracy and diversity against the control (left), and their differences from it in units
+    of the departure threshold (right): below -1 at two checks in a row = departed."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -259,59 +283,86 @@ def figure_collapse(runs: list[dict], summaries: list[dict], path: Path) -> None
 
     ramped = [(r, m) for r, m in zip(runs, summaries) if r["ramp"]]
     control = {r["seed"]: r for r in runs if not r["ramp"]}
-    fig, axes = plt.subplots(2, len(ramped), figsize=(4.2 * len(ramped), 5.6), sharex="col", squeeze=False)
-    for j, (r, m) in enumerate(ramped):
-        ax, ax2 = axes[0, j], axes[1, j]
-        c = control.get(r["seed"])
-        ax.plot(r["steps"], r["train_top1"], color="C0", label="too-high lr: train top-1")
-        if c:
-            ax.plot(c["steps"], c["train_top1"], color="C0", alpha=0.35, ls="--", label="control (lr 0.05)")
-        ax2.plot(r["steps"], r["diversity"], color="C3", label="too-high lr: diversity")
-        if c:
-            ax2.plot(c["steps"], c["diversity"], color="C3", alpha=0.35, ls="--", label="control")
-        for a in (ax, ax2):
-            a.axvline(s_default.sound_steps, color="grey", lw=0.8)
+    fig, axes = plt.subplots(len(ramped), 2, figsize=(10, 2.3 * len(ramped) + 0.6), squeeze=False)
+    for i, (r, m) in enumerate(ramped):
+        c = control[r["seed"]]
+        n = len(r["steps"])
+        st = np.asarray(r["steps"])
+        end = (m["first_chance_step"] or st[-1]) + 40
+        keep = (st >= s_default.sound_steps - 150) & (st <= end)
+        ax, bx = axes[i]
+        div = np.asarray([np.nan if v is None else v for v in r["diversity"]], float)
+        cdiv = np.asarray([np.nan if v is None else v for v in c["diversity"][:n]], float)
+        ax.plot(st[keep], np.asarray(r["train_top1"])[keep], color="C0", label="train top-1")
+        ax.plot(st[keep], np.asarray(c["train_top1"][:n])[keep], color="C0", ls="--", alpha=0.45, label="control")
+        ax.set_ylabel(f"seed {r['seed']}\ntraining top-1", color="C0")
+        ax.set_ylim(0, 1)
+        tw = ax.twinx()
+        tw.plot(st[keep], div[keep], color="C3", label="diversity")
+        tw.plot(st[keep], cdiv[keep], color="C3", ls="--", alpha=0.45)
+        lo = np.nanmin(np.concatenate([div[keep], cdiv[keep]]))
+        hi = np.nanmax(np.concatenate([div[keep], cdiv[keep]]))
+        tw.set_ylim(max(lo, hi - 0.6) - 0.02, hi + 0.05)          # the collapse itself may fall off the bottom
+        tw.set_ylabel("diversity (nats)", color="C3")
+        for key, color, series in (("acc_departure_step", "C0", np.asarray(r["train_top1"]) - np.asarray(c["train_top1"][:n])),
+                                   ("div_departure_step", "C3", div - cdiv)):
+            thr = m[key.replace("departure_step", "noise")]
+            z = np.where(np.isfinite(series), series / thr, -3.0)     # a blown-up run counts as far below
+            bx.plot(st[keep], np.clip(z[keep], -3, 3), color=color, label=("accuracy" if color == "C0" else "diversity")
+                    + " - control")
+            if m.get(key) is not None:
+                bx.axvline(m[key], color=color, lw=1.5, alpha=0.7)
+        bx.axhline(-1, color="grey", lw=0.8)
+        bx.set_ylim(-3.2, 3.2)
+        bx.set_ylabel("difference /\ndeparture threshold")
+        for a in (ax, bx):
+            a.axvline(s_default.sound_steps, color="grey", lw=0.8, ls="-")
             if m["first_warning_step"] is not None:
-                a.axvline(m["first_warning_step"], color="k", ls=":", lw=1.2)
+                a.axvline(m["first_warning_step"], color="k", ls=":", lw=1.5)
             if m["first_chance_step"] is not None:
-                a.axvline(m["first_chance_step"], color="C0", ls="-.", lw=1)
-        for a, key in ((ax, "acc_half_fall_step"), (ax2, "div_half_fall_step")):
-            if m[key] is not None:
-                a.plot([m[key]], [np.interp(m[key], r["steps"], [np.nan if v is None else v for v in
-                                                                (r["train_top1"] if a is ax else r["diversity"])])],
-                       "v", color="k", ms=7)
-        ax.set_title(f"seed {r['seed']}: lr x{s_default.ramp:g}/step after step {s_default.sound_steps}", fontsize=9)
-        ax.set_ylabel("training top-1")
-        ax2.set_ylabel("concept diversity (nats)")
-        ax2.set_xlabel("step")
-        if j == 0:
+                a.axvline(m["first_chance_step"], color="k", ls="-.", lw=1)
+        if i == 0:
             ax.legend(fontsize=7, loc="lower left")
-            ax2.legend(fontsize=7, loc="lower left")
-    fig.suptitle("Learn, then collapse: grey = ramp starts, dotted = first monitor warning, dash-dot = first check "
-                 "at chance, triangle = half of the fall", fontsize=8)
+            bx.legend(fontsize=7, loc="lower left")
+        if i == len(ramped) - 1:
+            ax.set_xlabel("step")
+            bx.set_xlabel("step")
+    fig.suptitle(f"Learn, then collapse: lr 0.05, then x{s_default.ramp:g} per step from step {s_default.sound_steps} "
+                 "(grey), against the same seed at lr 0.05 (dashed).\nDotted: first monitor warning; dash-dot: first "
+                 "check at chance; coloured vertical lines (right): the run departs from its control", fontsize=8)
     fig.tight_layout()
     save_figure(fig, path, dpi=110)
     plt.close(fig)
 
 
 def figure_dropout(seeds: list[dict], path: Path) -> None:
+    """Distance moved between milestones (the paper's measure) and per accuracy gained: with against without
+    dropout, one line per seed (same seed, same data), mean +- sd beside."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(8, 3.4))
-    for ax, i, name in ((axes[0], 0, "0.25 -> 0.5"), (axes[1], 1, "0.5 -> 0.75")):
-        for k, (model, color) in enumerate((("dropout", "C0"), ("no-dropout", "C1"))):
-            vals = [r[model][i]["per_accuracy"] for r in seeds]
-            x = np.full(len(vals), k) + np.linspace(-0.12, 0.12, len(vals))
-            ax.plot(x, vals, "o", color=color, alpha=0.8)
-            ax.errorbar([k + 0.3], [np.mean(vals)], yerr=[np.std(vals, ddof=1) if len(vals) > 1 else 0], fmt="s",
-                        color=color, capsize=4)
-        ax.set_xticks([0, 1], ["with dropout", "without"])
-        ax.set_title(f"train top-1 {name}", fontsize=9)
-        ax.set_ylabel("distance moved per accuracy gained")
-    fig.suptitle(f"Dropout gap over {len(seeds)} seeds (dots: seeds; squares: mean +- sd)", fontsize=9)
+    fig, axes = plt.subplots(2, 2, figsize=(8, 6.2), squeeze=False)
+    for row, (key, label) in enumerate((("distance", "mean distance moved"),
+                                        ("per_accuracy", "distance per accuracy gained"))):
+        for col, stage in enumerate(("0.25 -> 0.5", "0.5 -> 0.75")):
+            ax = axes[row, col]
+            a = np.array([r["dropout"][col][key] for r in seeds], float)
+            b = np.array([r["no-dropout"][col][key] for r in seeds], float)
+            for x, y, r in zip(a, b, seeds):
+                ax.plot([0, 1], [x, y], "-o", color="grey", alpha=0.6, ms=4)
+                ax.annotate(f"seed {r['seed']}", (1, y), xytext=(4, -3), textcoords="offset points", fontsize=6)
+            for k, (v, color) in enumerate(((a, "C0"), (b, "C1"))):
+                ax.errorbar([k + (-0.15 if k == 0 else 0.3)], [v.mean()], yerr=[v.std(ddof=1) if len(v) > 1 else 0],
+                            fmt="s", color=color, capsize=4)
+            ax.set_xticks([0, 1], ["with dropout", "without"])
+            ax.set_xlim(-0.4, 1.5)
+            ax.set_title(f"train top-1 {stage}: without / with = {np.mean(b / a):.2f} ± {np.std(b / a, ddof=1):.2f}",
+                         fontsize=8)
+            ax.set_ylabel(label, fontsize=8)
+    fig.suptitle(f"Dropout gap over {len(seeds)} seeds (lines: one seed; squares: mean ± sd). Paper, distance: "
+                 "0.991 / 0.746 and 0.989 / 0.657", fontsize=8)
     fig.tight_layout()
     save_figure(fig, path, dpi=110)
     plt.close(fig)
@@ -319,6 +370,12 @@ def figure_dropout(seeds: list[dict], path: Path) -> None:
 
 def _f(x, spec=".3f"):
     return "-" if x is None or (isinstance(x, float) and not math.isfinite(x)) else format(x, spec)
+
+
+def _ms(values) -> str:
+    """mean ± sd over seeds."""
+    v = [x for x in values if x is not None]
+    return "-" if not v else f"{np.mean(v):.3f} ± {np.std(v, ddof=1):.3f}" if len(v) > 1 else f"{v[0]:.3f}"
 
 
 def markdown(res: dict) -> str:
@@ -330,17 +387,27 @@ def markdown(res: dict) -> str:
               f"{s['sound_lr']} for {s['sound_steps']} steps, then x{s['ramp']} per step (control: lr {s['sound_lr']} "
               f"throughout); the monitor (default thresholds) checks every {s['every']} steps on a {s['probe']}-image "
               f"probe, in the space of a separate sound run.", "",
-              "| seed | run | peak train top-1 | accuracy half-fall (step) | diversity half-fall (step) | first warning "
-              "(step, kind) | its train top-1 | first check at chance (step) | warning, checks before chance |",
-              "|---|---|---|---|---|---|---|---|---|"]
+              "| seed | peak train top-1 | diversity departs (step; lr) | accuracy departs (step) | first monitor warning "
+              "(step, kind: layers) | its train top-1 | first check at chance (step; lr) | warning, checks before chance "
+              "| control (lr 0.05): peak train top-1, warnings |", "|---|---|---|---|---|---|---|---|---|"]
+        controls = {m["seed"]: m for m in res["collapse"]["summaries"] if not m["ramp"]}
         for m in res["collapse"]["summaries"]:
-            fw = m["first_warning"]
-            warn = "none" if fw is None else f"{fw['step']} ({fw['kind']}: {', '.join(fw['layers'][:3])})"
-            L.append(f"| {m['seed']} | {'too-high lr' if m['ramp'] else 'control'} | {_f(m['peak_train_top1'])} | "
-                     f"{_f(m['acc_half_fall_step'], 'd')} | {_f(m['div_half_fall_step'], 'd')} | {warn} | "
-                     f"{_f(m.get('warning_train_top1'))} | {_f(m['first_chance_step'], 'd')} | "
-                     f"{_f(m.get('warning_checks_before_chance'), 'd')} |")
-        L.append("")
+            if not m["ramp"]:
+                continue
+            fw, c = m["first_warning"], controls.get(m["seed"], {})
+            warn = "none" if fw is None else f"{fw['step']} ({fw['kind']}: {', '.join(fw['layers'][:3])}" + \
+                (f" +{len(fw['layers']) - 3})" if len(fw["layers"]) > 3 else ")")
+            dep = m.get("at_div_departure")
+            div = "-" if dep is None else f"{m['div_departure_step']}; {dep['lr']:.3f}"
+            L.append(f"| {m['seed']} | {_f(m['peak_train_top1'])} | {div} | {_f(m.get('acc_departure_step'), 'd')} | "
+                     f"{warn} | {_f(m.get('warning_train_top1'))} | {_f(m['first_chance_step'], 'd')}; "
+                     f"{_f(m['first_chance_lr'])} | {_f(m.get('warning_checks_before_chance'), 'd')} | "
+                     f"{_f(c.get('peak_train_top1'))}, {'none' if c.get('first_warning') is None else c['first_warning']['step']} |")
+        L += ["", "A run departs from its control at the first of two consecutive checks where it is below the control by "
+              "more than twice the standard deviation of the control's check-to-check changes after the ramp starts "
+              "(accuracy: " + ", ".join(f"{m['acc_noise']:.3f}" for m in res["collapse"]["summaries"] if m["ramp"])
+              + "; diversity, nats: " + ", ".join(f"{m['div_noise']:.3f}" for m in res["collapse"]["summaries"] if m["ramp"])
+              + ", by seed).", ""]
     if "dropout" in res:
         seeds = [r for r in res["dropout"] if "error" not in r]
         L += [f"Seed {r['seed']} left out: {r['error']}" for r in res["dropout"] if "error" in r]
@@ -357,15 +424,19 @@ def markdown(res: dict) -> str:
                          f"{_f(a['distance'])} | {_f(a['per_accuracy'])} | {b['from']}->{b['to']} "
                          f"({b['accuracy'][0]:.2f}->{b['accuracy'][1]:.2f}) | {_f(b['distance'])} | "
                          f"{_f(b['per_accuracy'])} | {_f(ratio)} |")
-        L += ["", "| stage | with dropout: per accuracy, mean ± sd | without | ratio without / with, mean ± sd | "
-              "seeds with a smaller ratio than 1 | paper (distance, not per accuracy) |", "|---|---|---|---|---|---|"]
-        paper = {0: "0.991 / 0.746 = 0.75", 1: "0.989 / 0.657 = 0.66"}
+        L += ["", "| stage | distance, with dropout | without | distance ratio without / with (seeds < 1) | per accuracy "
+              "gained, with dropout | without | ratio without / with (seeds < 1) | paper: distance with / without |",
+              "|---|---|---|---|---|---|---|---|"]
+        paper = {0: "0.991 / 0.746 (ratio 0.75)", 1: "0.989 / 0.657 (ratio 0.66)"}
         for i, stage in enumerate(("0.25->0.5", "0.5->0.75")):
             a = [r["dropout"][i]["per_accuracy"] for r in seeds]
             b = [r["no-dropout"][i]["per_accuracy"] for r in seeds]
+            da = [r["dropout"][i]["distance"] for r in seeds]
+            db = [r["no-dropout"][i]["distance"] for r in seeds]
+            rd = [y / x for x, y in zip(da, db)]
             rr = ratios[i]
-            L.append(f"| {stage} | {np.mean(a):.3f} ± {np.std(a, ddof=1):.3f} | {np.mean(b):.3f} ± {np.std(b, ddof=1):.3f} | "
-                     f"{np.mean(rr):.3f} ± {np.std(rr, ddof=1):.3f} | {sum(x < 1 for x in rr)} of {len(rr)} | {paper[i]} |")
+            L.append(f"| {stage} | {_ms(da)} | {_ms(db)} | {_ms(rd)} ({sum(x < 1 for x in rd)} of {len(rd)}) | {_ms(a)} | "
+                     f"{_ms(b)} | {_ms(rr)} ({sum(x < 1 for x in rr)} of {len(rr)}) | {paper[i]} |")
         fin = [(r["dropout_final"], r["no-dropout_final"]) for r in seeds]
         L += ["", "Final accuracies (mean over seeds), train / test: with dropout "
               f"{np.mean([a['train_top1'] for a, _ in fin]):.3f} / {np.mean([a['test_top1'] for a, _ in fin]):.3f}; "
@@ -380,10 +451,12 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="claims-out")
     p.add_argument("--part", choices=("collapse", "dropout", "both"), default="both")
-    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--seeds", type=int, default=3, help="seeds 0 .. N-1")
+    p.add_argument("--seed-list", default=None, help="these seeds (e.g. 3,4), kept beside earlier results of others")
     p.add_argument("--data", default=None)
     p.add_argument("--docs", default=None)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--replot", action="store_true", help="only redo the summaries, figures and tables from OUT/claims.json")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
     for noisy in ("numba", "matplotlib", "PIL", "conceptevo"):
@@ -399,29 +472,50 @@ def main(argv=None) -> int:
     s = s_default
     res_path = out / "claims.json"
     res = read_json(res_path) if res_path.exists() else {}
-    res["settings"] = dataclasses.asdict(s)
+    settings = dataclasses.asdict(s)
+    settings = json.loads(json.dumps(settings))          # as stored (tuples -> lists)
+    seed_list = [int(x) for x in args.seed_list.split(",")] if args.seed_list else list(range(args.seeds))
     t0 = time.perf_counter()
+    part_settings = {"collapse": {k: v for k, v in settings.items() if not k.startswith("d_")},
+                     "dropout": {k: v for k, v in settings.items() if k.startswith("d_") or k == "pool"}}
+    for part in ("collapse", "dropout"):   # results of other seeds are kept only if made with the same settings
+        if part in res and res.get(f"{part}_settings") != part_settings[part] and not args.replot:
+            log.info("%s settings changed since %s was written: its earlier results are dropped", part, res_path)
+            del res[part]
+    res["settings"] = settings
+    if args.replot:
+        if "collapse" in res:
+            res["collapse"]["summaries"] = summarise_all(res["collapse"]["runs"], s)
+            figure_collapse(res["collapse"]["runs"], res["collapse"]["summaries"], out / "collapse.png")
+        if "dropout" in res:
+            figure_dropout([r for r in res["dropout"] if "error" not in r], out / "dropout.png")
+        args.part = "replot"
     if args.part in ("collapse", "both"):
         ws = base_study(s, data_dir, out)
         log.info("base space ready at %.0f s", time.perf_counter() - t0)
-        runs = []
-        for seed in range(args.seeds):
+        runs = [r for r in res.get("collapse", {}).get("runs", []) if r["seed"] not in seed_list]   # other seeds kept
+        for seed in seed_list:
             for ramp in (True, False):
                 runs.append(collapse_run(s, data_dir, ws.path, seed, ramp))
                 log.info("collapse seed %d ramp %s done at %.0f s", seed, ramp, time.perf_counter() - t0)
-        summaries = [summarise_collapse(r, s) for r in runs]
+        runs.sort(key=lambda r: (r["seed"], not r["ramp"]))
+        summaries = summarise_all(runs, s)
         res["collapse"] = {"runs": runs, "summaries": summaries}
+        res["collapse_settings"] = part_settings["collapse"]
         write_json(res_path, res)
         figure_collapse(runs, summaries, out / "collapse.png")
     if args.part in ("dropout", "both"):
-        seeds = []
-        for seed in range(args.seeds):
+        seeds = [r for r in res.get("dropout", []) if r["seed"] not in seed_list]
+        for seed in seed_list:
             seeds.append(dropout_seed(s, data_dir, out / "dropout", seed))
             log.info("dropout seed %d done at %.0f s", seed, time.perf_counter() - t0)
+        seeds.sort(key=lambda r: r["seed"])
         res["dropout"] = seeds
+        res["dropout_settings"] = part_settings["dropout"]
         write_json(res_path, res)
         figure_dropout([r for r in seeds if "error" not in r], out / "dropout.png")
-    res.setdefault("seconds", {})[args.part] = time.perf_counter() - t0
+    if not args.replot:
+        res.setdefault("seconds", {})[args.part] = time.perf_counter() - t0
     write_json(res_path, res)
     md = markdown(res)
     (out / "claims.md").write_text(md)
