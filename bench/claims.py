@@ -412,7 +412,7 @@ def markdown(res: dict) -> str:
         seeds = [r for r in res["dropout"] if "error" not in r]
         L += [f"Seed {r['seed']} left out: {r['error']}" for r in res["dropout"] if "error" in r]
         L += ["| seed | stage | with dropout: checkpoints (acc) | distance | per accuracy | without: checkpoints (acc) | "
-              "distance | per accuracy | ratio without / with |", "|---|---|---|---|---|---|---|---|---|"]
+              "distance | per accuracy | per-accuracy ratio without / with |", "|---|---|---|---|---|---|---|---|---|"]
         ratios = {0: [], 1: []}
         for r in seeds:
             for i, stage in enumerate(("0.25->0.5", "0.5->0.75")):
