@@ -72,8 +72,9 @@ def main(argv=None) -> int:
     study_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     choice = choose_base(ws, candidates=cands)
+    built = "" if args.workspace else f"training and study {study_s:.0f} s, "
     print(f"study {ws.path}: {sum(len(ws.tags(m)) for m in ws.models)} checkpoints, {choice.queries} query neurons "
-          f"({choice.concepts}); study {study_s:.0f} s, choose-base {time.perf_counter() - t0:.0f} s\n")
+          f"({choice.concepts}); {built}choose-base {time.perf_counter() - t0:.0f} s\n")
     print(choice.markdown() if args.markdown else choice.table())
     print(f"\nrecommended base: {choice.recommended}")
     for r in choice.reasons:

@@ -12,8 +12,9 @@ checkpoint of every model projected), and three numbers:
     that are dominated by the same concept: does the space put like with like
     across checkpoints and models? On data with known concepts (ConceptShapes)
     the concepts are its attributes; otherwise the class labels (class purity,
-    a weaker property; the report says which). Reported with its standard error
-    over the query neurons.
+    a weaker property; the report says which). The mean over two seeds of the
+    candidate's embedding, with a standard error that counts both the sampled
+    query neurons and the difference between the seeds.
 **units covered**
     The share of all checkpoints' neurons with at least half of their stimulus
     images inside the base's stimuli: those images have least-squares vectors;
@@ -59,6 +60,7 @@ class Candidate:
     units_covered: float = float("nan")
     purity: float = float("nan")
     purity_se: float = float("nan")
+    purity_seeds: list = field(default_factory=list)
     agreement: float = float("nan")
     seed_agreement: float = float("nan")
     epochs_run: int = 0
@@ -225,12 +227,16 @@ def choose_base(workspace, candidates=None, seed: int = 0, queries: int = QUERIE
         covered[idx[idx >= 0]] = True
         valid = all_idx >= 0
         share = (covered[np.where(valid, all_idx, 0)] & valid).sum(1) / np.maximum(valid.sum(1), 1)
-        nn = _knn(vectors, labelled, PURITY_K, block)
-        hits = (dom[nn] == dom[labelled, None]).mean(axis=1)
+        hits = [(dom[nn] == dom[labelled, None]).mean(axis=1) for nn in (_knn(v, labelled, PURITY_K, block)
+                                                                          for _, v in runs)]
+        per_seed = [float(h.mean()) for h in hits]
+        both = (hits[0] + hits[1]) / 2
+        # standard error of the mean purity: the sampled query neurons, and the two seeds' difference
+        se = float(np.hypot(both.std(ddof=1) / np.sqrt(both.size), abs(per_seed[0] - per_seed[1]) / 2))
         near = _knn(vectors, q, AGREEMENT_K)
         near_other_seed = _knn(runs[1][1], q, AGREEMENT_K)
         results.append(Candidate(model, tag, neurons=len(base.neuron_ids), units_covered=float(np.mean(share >= COVERED_SHARE)),
-                                 purity=float(hits.mean()), purity_se=float(hits.std(ddof=1) / np.sqrt(hits.size)),
+                                 purity=float(np.mean(per_seed)), purity_se=se, purity_seeds=per_seed,
                                  seed_agreement=_jaccard(near, near_other_seed), epochs_run=emb.epochs_run,
                                  seconds=time.perf_counter() - t0))
         spaces.append(near)
@@ -260,9 +266,9 @@ def recommend(cands: list[Candidate], purity_name: str = "concept purity") -> tu
                        f"{best.purity_se:.3f}, against {runner.purity:.3f} ± {runner.purity_se:.3f} for {runner.name} "
                        f"(more than two standard errors apart)")
     else:
-        names = ", ".join(c.name for c in tied if c is not best)
+        names = ", ".join(f"{c.name} ({c.purity:.3f} ± {c.purity_se:.3f})" for c in tied if c is not best)
         reasons.append(f"its {purity_name} ({best.purity:.3f} ± {best.purity_se:.3f}) cannot be told apart from that of "
-                       f"{names} (within two standard errors)")
+                       f"{names}: within two standard errors" + ("" if best is top else f" of the highest, {top.name}'s"))
     most = max(cands, key=lambda c: c.units_covered)
     if most is best:
         reasons.append(f"its stimuli cover the most units: {best.units_covered:.1%} of all checkpoints' neurons have at "

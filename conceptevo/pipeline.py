@@ -198,7 +198,13 @@ def _run(ws: Workspace, config: StudyConfig, progress: bool, trust: bool) -> Wor
         if len(base_stim.neuron_ids) >= 10:  # faithfulness to base neurons the fit did not see (the error cannot say)
             from .projection import holdout_fidelity
 
-            hold = holdout_fidelity(base_stim, neuron_emb, fraction=0.2, seed=ep.seed, responses=responses)
+            quiet = logging.getLogger("conceptevo.embedding.images")   # the held-out fit's own lines would read
+            level = quiet.level                                           # as a second image embedding
+            quiet.setLevel(logging.WARNING)
+            try:
+                hold = holdout_fidelity(base_stim, neuron_emb, fraction=0.2, seed=ep.seed, responses=responses)
+            finally:
+                quiet.setLevel(level)
             fit.update(holdout_relative=hold["relative_mean"], holdout_self_match=hold["self_match"])
         ws.finish("embedding/images", img_key, {}, rmse=float(img.rmse), **fit)
         log.info("image embedding: %s", fit_summary(ws.stage("embedding/images")))
