@@ -61,7 +61,8 @@ from bench_embedding import VGG16_CHANNELS, planted_indices, synthetic_responses
 from conceptevo.alignment.cka import linear_cka  # noqa: E402
 from conceptevo.config import EmbeddingConfig  # noqa: E402
 from conceptevo.embedding import NeuronEmbedding, embed_images, embed_neurons, objective, sample_epoch  # noqa: E402
-from conceptevo.embedding.neurons import _draw, _prepare, _sgd_epoch, nearest_neighbors  # noqa: E402
+from conceptevo.embedding.neurons import (_draw, _prepare, _sgd_epoch, nearest_neighbors,  # noqa: E402
+                                         neighbor_jaccard)
 from conceptevo.projection import project  # noqa: E402
 
 DEFAULT = EmbeddingConfig()
@@ -189,9 +190,7 @@ def label_purity(reference, labels_ref, queries, labels_q, k=5, exclude_self=Fal
 
 def knn_jaccard(a, b, k=10) -> float:
     rows = np.arange(len(a))
-    na, nb = nearest_neighbors(a, rows, k), nearest_neighbors(b, rows, k)
-    shared = (na[:, :, None] == nb[:, None, :]).any(axis=2).sum(axis=1)
-    return float(np.mean(shared / (2 * na.shape[1] - shared)))
+    return neighbor_jaccard(nearest_neighbors(a, rows, k), nearest_neighbors(b, rows, k))
 
 
 def measure(case: Case, label: str, kwargs, seeds, eval_draw) -> dict:

@@ -115,27 +115,6 @@ def _num(x) -> str:
     return "n/a" if x is None or not np.isfinite(x) else f"{x:.3f}"
 
 
-def _knn(vectors, queries, k, block=None):
-    """k nearest rows of ``vectors`` for each query row index; rows with ``block[q] == block[r]`` are excluded."""
-    v = np.asarray(vectors, np.float64)
-    sq = (v * v).sum(1)
-    out = np.empty((len(queries), k), np.int64)
-    for s in range(0, len(queries), 512):
-        q = queries[s:s + 512]
-        d = sq[None, :] - 2 * v[q] @ v.T
-        if block is None:
-            d[np.arange(q.size), q] = np.inf
-        else:
-            d[block[q][:, None] == block[None, :]] = np.inf
-        out[s:s + q.size] = np.argpartition(d, k - 1, axis=1)[:, :k]
-    return out
-
-
-def _jaccard(a, b) -> float:
-    shared = (a[:, :, None] == b[:, None, :]).any(axis=2).sum(axis=1)
-    return float(np.mean(shared / (a.shape[1] + b.shape[1] - shared)))
-
-
 def _parse_candidates(ws, candidates) -> list[tuple[str, str]]:
     if not candidates:
         out = [(m, ws.tags(m)[-1]) for m in ws.models]
@@ -169,6 +148,7 @@ def choose_base(workspace, candidates=None, seed: int = 0, queries: int = QUERIE
     from .alignment.coherence import dataset_concepts, dominant_concepts
     from .config import DataConfig, EmbeddingConfig
     from .embedding import embed_images, embed_neurons
+    from .embedding.neurons import nearest_neighbors, neighbor_jaccard
     from .pipeline import load_model, study_pool
     from .projection import project
     from .stimuli import top_responses
@@ -227,17 +207,17 @@ def choose_base(workspace, candidates=None, seed: int = 0, queries: int = QUERIE
         covered[idx[idx >= 0]] = True
         valid = all_idx >= 0
         share = (covered[np.where(valid, all_idx, 0)] & valid).sum(1) / np.maximum(valid.sum(1), 1)
-        hits = [(dom[nn] == dom[labelled, None]).mean(axis=1) for nn in (_knn(v, labelled, PURITY_K, block)
+        hits = [(dom[nn] == dom[labelled, None]).mean(axis=1) for nn in (nearest_neighbors(v, labelled, PURITY_K, block)
                                                                           for _, v in runs)]
         per_seed = [float(h.mean()) for h in hits]
         both = (hits[0] + hits[1]) / 2
         # standard error of the mean purity: the sampled query neurons, and the two seeds' difference
         se = float(np.hypot(both.std(ddof=1) / np.sqrt(both.size), abs(per_seed[0] - per_seed[1]) / 2))
-        near = _knn(vectors, q, AGREEMENT_K)
-        near_other_seed = _knn(runs[1][1], q, AGREEMENT_K)
+        near = nearest_neighbors(vectors, q, AGREEMENT_K)
+        near_other_seed = nearest_neighbors(runs[1][1], q, AGREEMENT_K)
         results.append(Candidate(model, tag, neurons=len(base.neuron_ids), units_covered=float(np.mean(share >= COVERED_SHARE)),
                                  purity=float(np.mean(per_seed)), purity_se=se, purity_seeds=per_seed,
-                                 seed_agreement=_jaccard(near, near_other_seed), epochs_run=emb.epochs_run,
+                                 seed_agreement=neighbor_jaccard(near, near_other_seed), epochs_run=emb.epochs_run,
                                  seconds=time.perf_counter() - t0))
         spaces.append(near)
         log.info("candidate base %s %s: purity %.3f, units covered %.1f%%, %.1f s", model, tag, results[-1].purity,
@@ -245,7 +225,7 @@ def choose_base(workspace, candidates=None, seed: int = 0, queries: int = QUERIE
     agree = np.full((len(cands), len(cands)), np.nan)
     for i in range(len(cands)):
         for j in range(len(cands)):
-            agree[i, j] = 1.0 if i == j else _jaccard(spaces[i], spaces[j])
+            agree[i, j] = 1.0 if i == j else neighbor_jaccard(spaces[i], spaces[j])
     for i, c in enumerate(results):
         c.agreement = float(np.mean([agree[i, j] for j in range(len(cands)) if j != i]))
     best, reasons = recommend(results, "concept purity" if known else "class purity")

@@ -12,7 +12,7 @@ from conceptevo.embedding import (NeuronEmbedding, ImageEmbedding, coactivation_
                                   embed_neurons_reference, expected_pair_counts, fit_summary, objective, pair_counts,
                                   sample_epoch, stimulus_matrix)
 from conceptevo.config import EmbeddingConfig, load_config
-from conceptevo.embedding.neurons import changed_share, epoch_lr, nearest_neighbors
+from conceptevo.embedding.neurons import changed_share, epoch_lr, nearest_neighbors, neighbor_jaccard
 from conceptevo.errors import ConceptEvoError
 from conceptevo.projection import fidelity, holdout_fidelity, project
 
@@ -152,9 +152,15 @@ def test_nearest_neighbors_and_changed_share_against_brute_force():
         d = np.linalg.norm(v - v[q], axis=1)
         d[q] = np.inf
         assert set(row) == set(np.argsort(d)[:4])
+    groups = np.arange(30) // 10                          # leave out the query's own group of 10 rows
+    for q, row in zip(queries, nearest_neighbors(v, queries, 4, groups)):
+        d = np.linalg.norm(v - v[q], axis=1)
+        d[groups == groups[q]] = np.inf
+        assert set(row) == set(np.argsort(d)[:4])
     before = np.array([[1, 2, 3, 4], [5, 6, 7, 8]])
     after = np.array([[4, 3, 9, 1], [10, 11, 12, 13]])
     assert changed_share(before, after) == pytest.approx((1 + 4) / 8)
+    assert neighbor_jaccard(before, after) == pytest.approx((3 / 5 + 0 / 8) / 2)
 
 
 def _stopping_config(tmp_path, **embedding):

@@ -377,27 +377,43 @@ def _prepare(stimuli, dim, seed):
     return ids, _ImageGroups(neurons, images), num_pairs, rng, vectors
 
 
-def nearest_neighbors(vectors, queries, k: int) -> np.ndarray:
-    """int ``[len(queries), k]``: for each row index in ``queries``, its ``k`` nearest other rows (Euclidean), any order."""
+def nearest_neighbors(vectors, queries, k: int, groups=None) -> np.ndarray:
+    """int ``[len(queries), k]``: for each row index in ``queries``, its ``k`` nearest other rows (Euclidean), any order.
+
+    With ``groups`` (one label per row), rows of the query's own group are left out too (e.g. a checkpoint's
+    neurons, to find a neuron's nearest neighbours among other checkpoints').
+    """
     v = np.asarray(vectors, dtype=np.float64)
     q = np.asarray(queries, dtype=np.int64)
     k = min(int(k), len(v) - 1)
     sq = (v * v).sum(1)
     out = np.empty((q.size, k), dtype=np.int64)
-    for s in range(0, q.size, 1024):
-        rows = q[s:s + 1024]
+    for s in range(0, q.size, 512):
+        rows = q[s:s + 512]
         d = sq[None, :] - 2 * v[rows] @ v.T
         d[np.arange(rows.size), rows] = np.inf
+        if groups is not None:
+            d[groups[rows][:, None] == groups[None, :]] = np.inf
         out[s:s + rows.size] = np.argpartition(d, k - 1, axis=1)[:, :k]
     return out
+
+
+def _shared(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Per row, how many of the neighbours in row i of ``a`` are also in row i of ``b``."""
+    return (a[:, :, None] == b[:, None, :]).any(axis=2).sum(axis=1)
 
 
 def changed_share(before: np.ndarray, after: np.ndarray) -> float:
     """Share of the neighbours in ``after`` (rows of neighbour indices) that were not in the same row of ``before``."""
     if before.size == 0:
         return 0.0
-    kept = (after[:, :, None] == before[:, None, :]).any(axis=2)
-    return float(1.0 - kept.mean())
+    return float(1.0 - _shared(after, before).sum() / after.size)
+
+
+def neighbor_jaccard(a: np.ndarray, b: np.ndarray) -> float:
+    """Mean over rows of the Jaccard index of the neighbour sets in row i of ``a`` and of ``b``."""
+    shared = _shared(a, b)
+    return float(np.mean(shared / (a.shape[1] + b.shape[1] - shared)))
 
 
 class _NeighborStop:
@@ -547,4 +563,4 @@ def embed_neurons_reference(stimuli, dim: int = 30, negatives: int = 3, lr: floa
 
 
 __all__ = ["NeuronEmbedding", "embed_neurons", "embed_neurons_reference", "objective", "sample_epoch",
-           "DEFAULT_EPOCHS", "epoch_lr", "nearest_neighbors", "changed_share"]
+           "DEFAULT_EPOCHS", "epoch_lr", "nearest_neighbors", "changed_share", "neighbor_jaccard"]
