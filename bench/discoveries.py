@@ -66,7 +66,6 @@ class Settings:
     first_epoch_checkpoints: int = 8
     pool: int = 3000
     k: int = 10
-    embedding_epochs: int = 300
     sound_lr: float = 0.05
     high_lrs: tuple = (0.5, 2.0)
     batch_size: int = 128
@@ -75,7 +74,7 @@ class Settings:
 
     @classmethod
     def quick(cls) -> "Settings":
-        return cls(width=4, epochs=2, train_images=1500, first_epoch_checkpoints=4, pool=500, embedding_epochs=60,
+        return cls(width=4, epochs=2, train_images=1500, first_epoch_checkpoints=4, pool=500,
                    high_lrs=(2.0,), late_milestones=(0.6, 0.7))
 
 
@@ -158,9 +157,9 @@ def build_space(s: Settings, data: dict, run_dirs: dict[str, Path], root: Path, 
     bm, bt = ws.base
     base_stim = ws.stimuli(bm, bt, mmap=False)
     if not ws.is_done("embedding/neurons", "v1"):
-        emb = embed_neurons(base_stim, dim=30, negatives=3, lr=0.05, epochs=s.embedding_epochs, seed=s.seed, progress=False)
+        emb = embed_neurons(base_stim, seed=s.seed, progress=False)
         emb.save(ws.path / "embedding" / "neurons")
-        ws.finish("embedding/neurons", "v1", {"dim": 30, "epochs": s.embedding_epochs}, epochs_run=emb.epochs_run)
+        ws.finish("embedding/neurons", "v1", emb.config, epochs_run=emb.epochs_run)
     emb = ws.neuron_embedding()
     if not ws.is_done("embedding/images", "v1"):
         row = models[bm]["checkpoints"][-1]
@@ -400,7 +399,7 @@ def build_space_generic(s, data, run_dirs, arch, root, device, in_ch):
             ws.finish(f"stimuli/{name}/{row['tag']}", "v1", {"k": s.k})
     bm, bt = ws.base
     bst = ws.stimuli(bm, bt, mmap=False)
-    emb = embed_neurons(bst, dim=30, epochs=s.embedding_epochs, seed=s.seed, progress=False)
+    emb = embed_neurons(bst, seed=s.seed, progress=False)
     emb.save(ws.path / "embedding" / "neurons")
     ws.finish("embedding/neurons", "v1")
     resp = top_responses(net(bm, models[bm]["checkpoints"][-1]["path"]), pool, bst, top=10, batch_size=1000,
@@ -415,9 +414,10 @@ def build_space_generic(s, data, run_dirs, arch, root, device, in_ch):
     return ws
 
 
-def update_docs(doc: Path, section: str) -> None:
-    text = doc.read_text() if doc.exists() else "<!-- measured -->\n<!-- /measured -->\n"
-    a, b = "<!-- measured -->", "<!-- /measured -->"
+def update_docs(doc: Path, section: str, marker: str = "measured") -> None:
+    """Put ``section`` between the ``<!-- marker -->`` and ``<!-- /marker -->`` lines of ``doc`` (added at the end if absent)."""
+    a, b = f"<!-- {marker} -->", f"<!-- /{marker} -->"
+    text = doc.read_text() if doc.exists() else f"{a}\n{b}\n"
     if a not in text or b not in text:
         text += f"\n{a}\n{b}\n"
     head, rest = text.split(a, 1)

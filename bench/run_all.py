@@ -15,6 +15,7 @@ HERE = Path(__file__).parent
 SCRIPTS = [
     ("stimuli pass vs bare forward; memory vs pool size", ["bench_stimuli.py"]),
     ("neuron and image embedding", ["bench_embedding.py"]),
+    ("fidelity of the space against epochs and schedule (planted concepts)", ["bench_fidelity.py", "--quick"]),
     ("importance and reversion", ["bench_importance.py", "--threads", "1"]),
     ("distributed stimuli scaling", ["bench_distributed.py"]),
 ]

@@ -79,6 +79,19 @@ def cmd_info(args) -> int:
     return 0
 
 
+def cmd_choose_base(args) -> int:
+    from .basechoice import choose_base
+
+    choice = choose_base(args.workspace, candidates=args.candidates, seed=args.seed, device=args.device,
+                         trust=args.trust_checkpoint, progress=not args.no_progress)
+    print(choice.report())
+    if args.json:
+        from .io import write_json
+
+        write_json(args.json, choice.to_dict())
+    return 0
+
+
 def cmd_importance(args) -> int:
     from .importance.commands import importance_command
 
@@ -176,6 +189,17 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("info", help="summarise a workspace")
     i.add_argument("workspace")
     i.set_defaults(fn=cmd_info)
+
+    cb = sub.add_parser("choose-base", help="build the space on each candidate base checkpoint, measure it, recommend one")
+    cb.add_argument("workspace")
+    cb.add_argument("--candidates", nargs="+", default=None, metavar="MODEL:TAG",
+                    help="checkpoints to compare (default: every model's last checkpoint and the study's base)")
+    cb.add_argument("--seed", type=int, default=0)
+    cb.add_argument("--device", default="cpu")
+    cb.add_argument("--json", default=None, help="also write the measures to this JSON file")
+    cb.add_argument("--trust-checkpoint", action="store_true")
+    cb.add_argument("--no-progress", action="store_true")
+    cb.set_defaults(fn=cmd_choose_base)
 
     from .explorer.cli import add_commands as explorer_commands
 

@@ -31,13 +31,12 @@ class DemoSettings:
     train_images: int = 8000       # images per training epoch (a seeded subset of the 60,000)
     first_epoch_checkpoints: int = 6   # 1/32, 1/16, 1/8, 1/4, 1/2 and 1 epoch
     pool: int = 3000               # stimulus image pool
-    embedding_epochs: int = 300
     width: int = 16
     layout: str = "umap"           # the quick run uses PCA: no UMAP compile time
 
     @classmethod
     def quick(cls) -> "DemoSettings":
-        return cls(epochs=1, train_images=4000, first_epoch_checkpoints=2, pool=1000, embedding_epochs=100, width=8, layout="pca")
+        return cls(epochs=1, train_images=4000, first_epoch_checkpoints=2, pool=1000, width=8, layout="pca")
 
 
 def demo_data(data_dir: str | None = None) -> DataConfig:
@@ -82,7 +81,7 @@ def run_demo(out="demo-out", quick: bool = False, device: str = "cpu", data_dir:
         models.append(ModelConfig(name=name, arch=arch, checkpoints=str(run_dir), options={"width": settings.width}))
     config = StudyConfig(
         out=str(out / "study"), data=data, models=models, base=BaseConfig(model="vgg", checkpoint="last"),
-        stimuli=StimuliConfig(device=device), embedding=EmbeddingConfig(epochs=settings.embedding_epochs),
+        stimuli=StimuliConfig(device=device), embedding=EmbeddingConfig(),  # the defaults (docs/fidelity.md)
         layout=LayoutConfig(method=settings.layout),
     ).validate()
     _write_config(out / "study.toml", config)

@@ -266,16 +266,17 @@ def _run(ws: Workspace, config: StudyConfig, progress: bool, trust: bool, allow_
     stim_keys = {(p["model"], p["tag"]): p["key"] for p in passes}
 
     # 2. base neuron embedding
-    from .embedding import embed_images, embed_neurons
+    from .embedding import embed_images, embed_neurons, fit_summary
 
     ep = config.embedding
     base_stim = ws.stimuli(base_model, base_tag, mmap=False)
     emb_key = hash_json([stim_keys[(base_model, base_tag)], dataclasses.asdict(ep)])
     if not ws.is_done("embedding/neurons", emb_key):
         with _Timer("base neuron embedding"):
-            emb = embed_neurons(base_stim, dim=ep.dim, negatives=ep.negatives, lr=ep.lr, epochs=ep.epochs, seed=ep.seed, progress=progress)
+            emb = embed_neurons(base_stim, **dataclasses.asdict(ep), progress=progress)  # every [embedding] key
         emb.save(ws.path / "embedding" / "neurons")
-        ws.finish("embedding/neurons", emb_key, dataclasses.asdict(ep), epochs_run=getattr(emb, "epochs_run", None))
+        ws.finish("embedding/neurons", emb_key, dataclasses.asdict(ep), epochs_run=emb.epochs_run,
+                  stop_reason=emb.config["stop_reason"])
     neuron_emb = ws.neuron_embedding()
 
     # 3. each pool image's most responsive base neurons (gives images outside the base stimuli a vector)
@@ -298,8 +299,20 @@ def _run(ws: Workspace, config: StudyConfig, progress: bool, trust: bool, allow_
         with _Timer("image embedding"):
             img = embed_images(base_stim, neuron_emb, num_images=num_images, responses=responses, seed=ep.seed)
         img.save(ws.path / "embedding" / "images")
-        ws.finish("embedding/images", img_key, {}, rmse=float(img.rmse))
-        log.info("image embedding RMSE %.4f", img.rmse)
+        fit = {key: img.info[key] for key in ("relative_error", "num_neurons", "num_covered", "determined")}
+        if len(base_stim.neuron_ids) >= 10:  # faithfulness to base neurons the fit did not see (the error cannot say)
+            from .projection import holdout_fidelity
+
+            quiet = logging.getLogger("conceptevo.embedding.images")   # the held-out fit's own lines would read
+            level = quiet.level                                           # as a second image embedding
+            quiet.setLevel(logging.WARNING)
+            try:
+                hold = holdout_fidelity(base_stim, neuron_emb, fraction=0.2, seed=ep.seed, responses=responses)
+            finally:
+                quiet.setLevel(level)
+            fit.update(holdout_relative=hold["relative_mean"], holdout_self_match=hold["self_match"])
+        ws.finish("embedding/images", img_key, {}, rmse=float(img.rmse), **fit)
+        log.info("image embedding: %s", fit_summary(ws.stage("embedding/images")))
     image_emb = ws.image_embedding()
 
     # 5. projection of every checkpoint

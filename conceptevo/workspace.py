@@ -314,7 +314,9 @@ class Workspace:
                              f"pool images (chance {rec.get('chance', float('nan')):.3f})")
         rec = self.stage("embedding/images")
         if rec and isinstance(rec.get("rmse"), (int, float)):
-            lines.append(f"  image embedding RMSE {rec['rmse']:.4f}")
+            from .embedding.images import fit_summary
+
+            lines.append(f"  image embedding: {fit_summary(rec)}")
         lines.append(f"  stages finished: {len(self.manifest['stages'])}")
         return "\n".join(lines)
 

@@ -1,14 +1,18 @@
 """Embedding (METHOD §3-5) and projection (§6): pairs, neuron and image embedding, projection."""
 from __future__ import annotations
 
+import dataclasses
+import json
 import types
 
 import numpy as np
 import pytest
 
 from conceptevo.embedding import (NeuronEmbedding, ImageEmbedding, coactivation_pairs, embed_images, embed_neurons,
-                                  embed_neurons_reference, expected_pair_counts, objective, pair_counts, sample_epoch,
-                                  stimulus_matrix)
+                                  embed_neurons_reference, expected_pair_counts, fit_summary, objective, pair_counts,
+                                  sample_epoch, stimulus_matrix)
+from conceptevo.config import EmbeddingConfig, load_config
+from conceptevo.embedding.neurons import changed_share, epoch_lr, nearest_neighbors, neighbor_jaccard
 from conceptevo.errors import ConceptEvoError
 from conceptevo.projection import fidelity, holdout_fidelity, project
 
@@ -119,12 +123,113 @@ def test_embedding_groups_clusters(clustered, base):
     assert sim[same].mean() > sim[other].mean() + 0.3
 
 
-def test_numba_matches_python_reference():
+@pytest.mark.parametrize("schedule", ["linear", "constant"])
+def test_numba_matches_python_reference(schedule):
     stimuli = make_stimuli(clustered_indices(num_neurons=24, k=4, clusters=3, group=10, pool=50)[0])
-    fast = embed_neurons(stimuli, dim=6, epochs=4, tol=0, seed=5, progress=False)
-    slow = embed_neurons_reference(stimuli, dim=6, epochs=4, seed=5)
+    fast = embed_neurons(stimuli, dim=6, epochs=4, seed=5, lr_schedule=schedule, progress=False)
+    slow = embed_neurons_reference(stimuli, dim=6, epochs=4, seed=5, lr_schedule=schedule)
     np.testing.assert_allclose(fast.vectors, slow.vectors, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(fast.j1_history, slow.j1_history, rtol=1e-5)
+
+
+def test_learning_rate_schedules():
+    assert [epoch_lr(0.05, e, 4, "linear") for e in range(4)] == pytest.approx([0.05, 0.0375, 0.025, 0.0125])
+    assert epoch_lr(0.05, 3, 4, "constant") == 0.05
+    assert epoch_lr(0.05, 10**6, 10**6 + 1, "linear") == pytest.approx(0.05 * 1e-4)  # floor, never 0
+    # the schedule changes the updates: one epoch is the same (lr for epoch 0), two are not
+    stimuli = make_stimuli(clustered_indices(num_neurons=24, k=4, clusters=3, group=10, pool=50)[0])
+    one = [embed_neurons(stimuli, dim=4, epochs=1, lr_schedule=s, progress=False).vectors for s in ("linear", "constant")]
+    two = [embed_neurons(stimuli, dim=4, epochs=2, lr_schedule=s, progress=False).vectors for s in ("linear", "constant")]
+    assert np.array_equal(*one) and not np.allclose(*two)
+
+
+def test_nearest_neighbors_and_changed_share_against_brute_force():
+    rng = np.random.default_rng(0)
+    v = rng.normal(size=(30, 3))
+    queries = np.array([0, 5, 29])
+    nn = nearest_neighbors(v, queries, 4)
+    for q, row in zip(queries, nn):
+        d = np.linalg.norm(v - v[q], axis=1)
+        d[q] = np.inf
+        assert set(row) == set(np.argsort(d)[:4])
+    groups = np.arange(30) // 10                          # leave out the query's own group of 10 rows
+    for q, row in zip(queries, nearest_neighbors(v, queries, 4, groups)):
+        d = np.linalg.norm(v - v[q], axis=1)
+        d[groups == groups[q]] = np.inf
+        assert set(row) == set(np.argsort(d)[:4])
+    before = np.array([[1, 2, 3, 4], [5, 6, 7, 8]])
+    after = np.array([[4, 3, 9, 1], [10, 11, 12, 13]])
+    assert changed_share(before, after) == pytest.approx((1 + 4) / 8)
+    assert neighbor_jaccard(before, after) == pytest.approx((3 / 5 + 0 / 8) / 2)
+
+
+def _stopping_config(tmp_path, **embedding):
+    lines = ["[study]", 'out = "s"', "[[models]]", 'name = "m"', 'arch = "vgg_like"', 'checkpoints = "ck"', "[embedding]"]
+    lines += [f"{k} = {str(v).lower() if isinstance(v, bool) else repr(v).replace(chr(39), chr(34))}"
+              for k, v in embedding.items()]
+    path = tmp_path / f"c{len(list(tmp_path.iterdir()))}.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return dataclasses.asdict(load_config(path).embedding)
+
+
+def test_config_sets_every_stopping_parameter_and_each_takes_effect(tmp_path, clustered, caplog):
+    stimuli, _ = clustered
+    # every stopping key is accepted in [embedding] (before: tol, patience, ... were unknown keys)
+    ep = _stopping_config(tmp_path, epochs=120, lr_schedule="constant", early_stop=True, tol=1.0, patience=2,
+                          check_every=10, dim=4)
+    assert (ep["epochs"], ep["lr_schedule"], ep["early_stop"], ep["tol"], ep["patience"], ep["check_every"]) == \
+        (120, "constant", True, 1.0, 2, 10)
+
+    def run(**changes):
+        return embed_neurons(stimuli, **dict(ep, **changes), progress=False)
+
+    # tol = 1 fires at the first check that can compare patience + 1 changes: epoch check_every * (patience + 2)
+    with caplog.at_level("INFO", logger="conceptevo.embedding.neurons"):
+        stopped = run()
+    assert stopped.epochs_run == 10 * (2 + 2) and stopped.config["early_stopped"]
+    assert "early stop at epoch 40" in stopped.config["stop_reason"] and "early stop at epoch 40" in caplog.text
+    assert len(stopped.config["neighbor_change"]) == 3
+    assert run(check_every=5).epochs_run == 5 * 4          # check_every takes effect
+    assert run(patience=4).epochs_run == 10 * 6            # patience takes effect
+    # tol takes effect: with the linear decay the neighbourhoods keep settling, so tol = 0 never fires
+    full = run(tol=0.0, lr_schedule="linear")
+    assert full.epochs_run == 120 and not full.config["early_stopped"]
+    assert full.config["stop_reason"] == "ran all 120 epochs (linear learning rate, the early stop did not fire)"
+    # epochs takes effect, and the stop can be turned off
+    off = run(early_stop=False, epochs=70)
+    assert off.epochs_run == 70 and off.config["stop_reason"] == "ran all 70 epochs (constant learning rate, early stop off)"
+    assert off.config["neighbor_change"] is None
+    # the stop does not change the run up to where it fires: same draws, same vectors
+    np.testing.assert_array_equal(run(early_stop=False, epochs=40).vectors, stopped.vectors)
+
+
+def test_embedding_defaults_live_in_one_place():
+    import inspect
+
+    sig = inspect.signature(embed_neurons).parameters
+    for key, value in dataclasses.asdict(EmbeddingConfig()).items():
+        assert sig[key].default == value, key
+
+
+def test_default_run_reaches_the_fidelity_plateau():
+    """On a planted-concept set the default (linear decay, fixed epochs) places neurons among their concept's far
+    more often than the previous default (constant rate, stopped when the running J1 levelled off: after 49 epochs here)."""
+    rng = np.random.default_rng(1)
+    concepts, pool, group = 24, 5000, 60
+    groups = rng.permutation(pool)[: concepts * group].reshape(concepts, group)
+    concept = rng.integers(0, concepts, 480)
+    w = 1.0 / np.arange(1, group + 1)
+    indices = np.array([np.concatenate([rng.choice(groups[c], 4, replace=False, p=w / w.sum()),
+                                        rng.choice(pool, 6, replace=False)]) for c in concept])
+    stimuli = make_stimuli(indices, num_images=pool)
+
+    def purity(v):
+        nn = nearest_neighbors(v, np.arange(len(v)), 5)
+        return float((concept[nn] == concept[:, None]).mean())
+
+    default = purity(embed_neurons(stimuli, progress=False).vectors)
+    previous = purity(embed_neurons(stimuli, lr_schedule="constant", epochs=49, progress=False).vectors)
+    assert default > 0.8 and default > previous + 0.1
 
 
 def test_same_seed_same_result(clustered):
@@ -134,13 +239,6 @@ def test_same_seed_same_result(clustered):
     c = embed_neurons(stimuli, dim=5, epochs=20, seed=8, progress=False)
     assert np.array_equal(a.vectors, b.vectors)
     assert not np.allclose(a.vectors, c.vectors)
-
-
-def test_early_stop(clustered):
-    stimuli, _ = clustered
-    emb = embed_neurons(stimuli, dim=5, epochs=5000, tol=1e-2, patience=5, progress=False)
-    assert 10 <= emb.epochs_run < 5000
-    assert emb.config["early_stopped"]
 
 
 def test_neuron_without_pair_keeps_its_initial_vector():
@@ -167,7 +265,8 @@ def test_neuron_embedding_save_load(tmp_path, base):
     (dict(dim=0), "dim"), (dict(dim=2.5), "dim"), (dict(negatives=-1), "negatives"),
     (dict(negatives=1.0), "negatives"), (dict(lr=0), "lr"), (dict(lr=-0.1), "lr"),
     (dict(epochs=0), "epochs"), (dict(tol=-1e-3), "tol"), (dict(patience=0), "patience"),
-    (dict(seed="x"), "seed"),
+    (dict(seed="x"), "seed"), (dict(check_every=0), "check_every"), (dict(lr_schedule="cosine"), "lr_schedule"),
+    (dict(early_stop="yes"), "early_stop"),
 ])
 def test_embed_neurons_bad_params(clustered, kwargs, name):
     with pytest.raises(ConceptEvoError, match=name):
@@ -197,9 +296,14 @@ def test_j2_reaches_least_squares_optimum_overdetermined():
         A[n, row] = 1 / 4
     W = np.linalg.lstsq(A, emb.vectors.astype(np.float64), rcond=None)[0]
     np.testing.assert_allclose(img.vectors, W, atol=1e-5)
-    opt = np.sqrt(np.mean((A @ W - emb.vectors) ** 2))
+    R = A @ W - emb.vectors
+    opt = np.sqrt(np.mean(np.sum(R ** 2, axis=1)))        # per neuron: root of the mean squared norm (the paper's unit)
     assert img.rmse == pytest.approx(opt, rel=1e-6) and img.rmse > 0.1
-    assert img.info["j2"] == pytest.approx(img.rmse ** 2 * 3 / 2, rel=1e-9)
+    assert img.info["rmse_per_coordinate"] == pytest.approx(opt / np.sqrt(3), rel=1e-6)
+    assert img.info["j2"] == pytest.approx(img.rmse ** 2 / 2, rel=1e-9)
+    assert img.info["relative_error"] == pytest.approx(np.linalg.norm(R) / np.linalg.norm(emb.vectors), rel=1e-6)
+    assert img.info["determined"] == "over" and (img.info["num_neurons"], img.info["num_covered"]) == (40, 12)
+    assert fit_summary(dict(img.info, rmse=img.rmse)).startswith(f"error per neuron {img.rmse:.4f}, ")
     gd = embed_images(stimuli, emb, method="gd", tol=1e-13, max_iter=50000)
     assert gd.rmse == pytest.approx(opt, rel=1e-4)
 
@@ -207,7 +311,10 @@ def test_j2_reaches_least_squares_optimum_overdetermined():
 def test_j2_is_zero_and_minimum_norm_when_underdetermined(clustered, base):
     stimuli, _ = clustered
     img = embed_images(stimuli, base)
-    assert img.rmse < 1e-6
+    assert img.rmse < 1e-6 and img.info["relative_error"] < 1e-6 and img.info["determined"] == "under"
+    text = fit_summary(dict(img.info, rmse=img.rmse, holdout_relative=0.25, holdout_self_match=0.9))
+    assert "exact fit (" in text and "says nothing about faithfulness" in text and "land 0.25 of a typical" in text
+    assert text.endswith("90% of them nearer their own learned vector than any other neuron's")
     A, images, rows = stimulus_matrix(stimuli.indices)
     W = np.linalg.pinv(A.toarray()) @ base.vectors.astype(np.float64)
     np.testing.assert_allclose(img.vectors[images], W, atol=1e-4)
@@ -255,6 +362,13 @@ def test_image_embedding_save_load(tmp_path, clustered, base):
     np.testing.assert_array_equal(back.vectors, img.vectors)
     np.testing.assert_array_equal(back.covered, img.covered)
     assert back.rmse == img.rmse and back.info["method"] == "lstsq"
+    # a folder written when the error was per coordinate is read in the per-neuron unit
+    meta = json.loads((tmp_path / "img" / "meta.json").read_text())
+    meta.pop("rmse_unit")
+    meta["rmse"] = 0.5
+    (tmp_path / "img" / "meta.json").write_text(json.dumps(meta))
+    assert ImageEmbedding.load(tmp_path / "img").rmse == pytest.approx(0.5 * np.sqrt(img.dim))
+    assert fit_summary({"rmse": 0.5}).startswith("RMSE 0.5000 per coordinate (an older workspace")
 
 
 @pytest.mark.parametrize("kwargs, name", [
@@ -336,3 +450,4 @@ def test_fit_layout_bad_params(base, kwargs, name):
 
     with pytest.raises(ConceptEvoError, match=name):
         fit_layout(base, **kwargs)
+

@@ -20,6 +20,14 @@ def test_builtin_architectures(arch, size):
     assert len(resolve_layers(m)) >= 7
 
 
+def test_vgg_like_without_batchnorm():
+    plain = build_model("vgg_like", in_channels=1, num_classes=10, width=4, batchnorm=False, seed=0)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in plain.modules())
+    normed = build_model("vgg_like", in_channels=1, num_classes=10, width=4, seed=0)
+    assert resolve_layers(plain) == resolve_layers(normed)   # same conv layers, same names: same neurons
+    assert plain(torch.rand(2, 1, 28, 28)).shape == (2, 10)
+
+
 def test_seeded_build_is_the_same_in_every_process():
     """torch seeds its global generator differently in each process, so training runs (demo, `conceptevo
     train`) build their models with a seed: same weights in every process, global random state untouched."""

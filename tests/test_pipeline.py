@@ -143,3 +143,66 @@ def test_cuda_without_gpu_is_a_clear_error(tmp_path, runs):
     with pytest.raises(ConceptEvoError, match="no CUDA GPU"):
         run_study(config(tmp_path / "s", runs, stimuli=StimuliConfig(k=5, device="cuda")), progress=False)
     assert main(["demo", "--quick", "--device", "cuda", "--out", str(tmp_path / "d")]) == 2
+
+
+def test_manifest_records_why_the_embedding_stopped_and_how_the_images_fit(study):
+    ws, _ = study
+    neurons = Workspace(ws.path).stage("embedding/neurons")
+    assert neurons["epochs_run"] == 30 and neurons["stop_reason"] == "ran all 30 epochs (linear learning rate, early stop off)"
+    images = Workspace(ws.path).stage("embedding/images")
+    assert images["num_neurons"] == len(ws.stimuli("vgg", "e1")) and images["determined"] in ("under", "over")
+    assert 0 <= images["relative_error"] < 1 and 0 <= images["holdout_relative"] < np.inf
+    assert "image embedding: " in Workspace(ws.path).summary()
+
+
+def test_choose_base_measures_and_recommends(study):
+    from conceptevo.alignment.coherence import dataset_concepts, dominant_concepts
+    from conceptevo.basechoice import choose_base
+    from conceptevo.cli import main
+
+    ws, _ = study
+    ws = Workspace(ws.path)
+    choice = choose_base(ws, candidates=["vgg:e1", "res:e1"])
+    assert [c.name for c in choice.candidates] == ["vgg e1", "res e1"] and choice.concepts == "known concepts"
+    every = [(m, t) for m in ws.models for t in ws.tags(m)]
+    idx = np.concatenate([np.asarray(ws.stimuli(m, t).indices) for m, t in every])
+    assert choice.queries == len(idx)                   # small study: every neuron is a query
+    # units covered, brute force: at least half of a neuron's stimuli among the candidate's stimulus images
+    for cand, (m, t) in zip(choice.candidates, [("vgg", "e1"), ("res", "e1")]):
+        base_images = set(np.asarray(ws.stimuli(m, t).indices).ravel().tolist())
+        share = [np.mean([x in base_images for x in row]) for row in idx]
+        assert cand.units_covered == pytest.approx(np.mean(np.array(share) >= 0.5))
+    # purity, brute force, for the study's own base (same config and seed: the same space the pipeline built)
+    concepts, names, _ = dataset_concepts(ws.dataset("train"))
+    from conceptevo.config import DataConfig
+    from conceptevo.pipeline import study_pool
+
+    dom = dominant_concepts(idx, concepts, names, pool=study_pool(DataConfig(**ws.config["data"])).indices).ids
+    vecs = np.concatenate([ws.projection(m, t).vectors for m, t in every]).astype(np.float64)
+    block = np.repeat(np.arange(len(every)), [len(ws.stimuli(m, t)) for m, t in every])
+    hits = []
+    for i in np.flatnonzero(dom >= 0):
+        d = np.linalg.norm(vecs - vecs[i], axis=1)
+        d[block == block[i]] = np.inf
+        hits.append(np.mean(dom[np.argsort(d, kind="stable")[:5]] == dom[i]))
+    assert choice.candidates[0].purity_seeds[0] == pytest.approx(np.mean(hits), abs=0.01)
+    assert choice.candidates[0].purity == pytest.approx(np.mean(choice.candidates[0].purity_seeds))
+    assert 0 < choice.candidates[0].seed_agreement <= 1 and 0 < choice.candidates[0].agreement <= 1
+    assert choice.recommended in ("vgg e1", "res e1") and len(choice.reasons) == 3
+    assert main(["choose-base", str(ws.path), "--candidates", "vgg:e1", "--no-progress"]) == 2   # one candidate
+    assert main(["choose-base", str(ws.path), "--candidates", "vgg:e9", "res:e1", "--no-progress"]) == 2
+
+
+def test_base_recommendation_rule():
+    from conceptevo.basechoice import Candidate, recommend
+
+    a = Candidate("a", "e3", purity=0.60, purity_se=0.01, units_covered=0.40, agreement=0.30, seed_agreement=0.4)
+    b = Candidate("b", "e3", purity=0.50, purity_se=0.01, units_covered=0.90, agreement=0.35, seed_agreement=0.4)
+    c = Candidate("c", "e3", purity=0.59, purity_se=0.01, units_covered=0.70, agreement=0.20, seed_agreement=0.4)
+    best, reasons = recommend([a, b])                    # purity apart by far more than 2 SE: the purer one
+    assert best is a and "highest concept purity" in reasons[0] and "0.600 ± 0.010" in reasons[0]
+    assert "b e3: 90.0%, but lower purity" in reasons[1]
+    best, reasons = recommend([a, b, c])                 # a and c tied on purity: c covers more units
+    assert best is c and "cannot be told apart from that of a e3 (0.600 ± 0.010): within two standard errors of the " \
+        "highest, a e3's" in reasons[0]
+    assert "the choice of base changes the neighbourhoods more than the seed does" in reasons[2]

@@ -6,7 +6,7 @@
 """
 from __future__ import annotations
 
-from .images import ImageEmbedding, embed_images, stimulus_matrix
+from .images import ImageEmbedding, embed_images, fit_summary, stimulus_matrix
 from .neurons import (DEFAULT_EPOCHS, NeuronEmbedding, embed_neurons, embed_neurons_reference, objective,
                       sample_epoch)
 from .pairs import coactivation_pairs, expected_pair_counts, pair_counts, stimulus_memberships
@@ -14,5 +14,5 @@ from .pairs import coactivation_pairs, expected_pair_counts, pair_counts, stimul
 __all__ = [
     "coactivation_pairs", "pair_counts", "expected_pair_counts", "stimulus_memberships",
     "NeuronEmbedding", "embed_neurons", "embed_neurons_reference", "objective", "sample_epoch", "DEFAULT_EPOCHS",
-    "ImageEmbedding", "embed_images", "stimulus_matrix",
+    "ImageEmbedding", "embed_images", "stimulus_matrix", "fit_summary",
 ]

@@ -28,10 +28,22 @@ Solvers (``method``):
     minimum-norm solution; ``gd_init="random"`` starts, as the paper does, from
     uniform [-0.5, 0.5) vectors, whose unconstrained part then stays random.
 
-``rmse`` (reported on the result) is
-``sqrt( sum_n ||v_n - v~_n||^2 / (|N| * dim) )`` = ``sqrt(2 * J2 / dim)``: the
-root-mean-square error per coordinate of the approximated base neuron vectors
-(neurons without any stimulus are left out of N).
+The error, in the paper's unit (``rmse`` on the result): the root of the mean
+over base neurons of the squared distance between a neuron's learned vector
+and its stimuli's mean image vector,
+``sqrt( sum_n ||v_n - v~_n||^2 / |N| )`` = ``sqrt(2 * J2)`` (neurons without
+any stimulus are left out of N). It is a distance in the space, comparable
+with the neurons' own norms. Beside it ``info`` holds ``relative_error``
+(``||B - A W||_F / ||B||_F``: 0 = every base neuron reproduced exactly, 1 = no
+better than zero vectors) and the shape of the problem: ``num_neurons``
+equations against ``num_covered`` unknown image vectors per dimension. When
+there are at least as many covered images as neurons (the usual case: k = 10
+stimuli per neuron, few shared), the problem is *underdetermined*: the
+minimum-norm solution reproduces every base neuron exactly, the error is ~0
+and says nothing about how faithful the space is. What does say it is how the
+space places base neurons it was *not* fitted on
+(:func:`conceptevo.projection.holdout_fidelity`), which the pipeline records
+beside the error. :func:`fit_summary` turns these numbers into words.
 
 Images outside every base stimulus set (METHOD §5, the authors' "indirect"
 step): with ``responses`` (``int [num_images, top]``, for each image of the pool
@@ -78,12 +90,17 @@ class ImageEmbedding:
     covered : bool [num_images]
         Image is in some base neuron's stimuli (its vector solves J2).
     rmse : float
-        ``sqrt(2 * J2 / dim)`` at the solution (see the module docstring).
+        Error per neuron, ``sqrt(2 * J2)`` = root of the mean squared distance
+        between a base neuron's learned vector and its stimuli's mean image
+        vector, at the solution (the paper's unit; see the module docstring).
     indirect : bool [num_images]
         Image got its vector from the indirect step (mean of its responsive
         base neurons' vectors).
     info : dict
-        Method, solver iterations, seconds, J2, parameters.
+        Method, solver iterations, seconds, J2, ``relative_error``,
+        ``rmse_per_coordinate``, ``num_neurons``, ``num_covered``,
+        ``determined`` ("under" or "over": covered images >= base neurons or
+        not), parameters.
     """
 
     vectors: np.ndarray
@@ -123,7 +140,7 @@ class ImageEmbedding:
         save_npy(folder / "vectors.npy", self.vectors)
         save_npy(folder / "covered.npy", self.covered)
         save_npy(folder / "indirect.npy", self.indirect)
-        write_json(folder / "meta.json", {"rmse": self.rmse, "info": self.info})
+        write_json(folder / "meta.json", {"rmse": self.rmse, "rmse_unit": "per neuron", "info": self.info})
 
     @classmethod
     def load(cls, folder, mmap: bool = False) -> "ImageEmbedding":
@@ -133,8 +150,12 @@ class ImageEmbedding:
             raise ConceptEvoError(f"no image embedding in {folder} (vectors.npy missing); "
                                   "run embed_images and save it there first")
         meta = read_json(folder / "meta.json")
-        return cls(load_npy(folder / "vectors.npy", mmap=mmap), load_npy(folder / "covered.npy"),
-                   meta["rmse"], load_npy(folder / "indirect.npy"), meta.get("info", {}))
+        vectors = load_npy(folder / "vectors.npy", mmap=mmap)
+        rmse = meta["rmse"]
+        if meta.get("rmse_unit") != "per neuron":  # written before the error was per neuron: per coordinate
+            rmse = float(rmse) * np.sqrt(vectors.shape[1])
+        return cls(vectors, load_npy(folder / "covered.npy"), rmse, load_npy(folder / "indirect.npy"),
+                   meta.get("info", {}))
 
 
 def stimulus_matrix(indices):
@@ -350,7 +371,9 @@ def embed_images(stimuli, neuron_embedding, num_images: int | None = None, metho
         W, sinfo = _solve_gd(A, Bn, tol, 20000 if max_iter is None else max_iter, lr, gd_init, rng, progress)
     R = A @ W - Bn
     sq = float(np.sum(R * R))
-    rmse = float(np.sqrt(sq / R.size))
+    rmse = float(np.sqrt(sq / rows.size))              # per neuron (the paper's unit)
+    norm_b = float(np.sqrt(np.sum(Bn * Bn)))
+    relative = float(np.sqrt(sq) / norm_b) if norm_b > 0 else 0.0
     seconds = time.perf_counter() - t0
 
     dim = B.shape[1]
@@ -375,13 +398,46 @@ def embed_images(stimuli, neuron_embedding, num_images: int | None = None, metho
         hint = ("pass responses=top_responses(...) for the whole pool" if responses is None or not indirect
                 else "their responses rows are empty (-1)")
         log.info("%d of %d images have no vector (NaN): %s", missing, num_images, hint)
-    log.info("image embedding (%s): %d covered images, %d by the indirect step, RMSE %.3g, %.2fs",
-             method, covered.sum(), filled.sum(), rmse, seconds)
     info = dict(method=method, j2=sq / (2 * rows.size), seconds=seconds, num_neurons=int(rows.size),
-                num_covered=int(images.size), num_indirect=int(filled.sum()), tol=float(tol), **sinfo)
+                num_covered=int(images.size), num_indirect=int(filled.sum()), tol=float(tol),
+                relative_error=relative, rmse_per_coordinate=float(np.sqrt(sq / R.size)),
+                determined="under" if images.size >= rows.size else "over", **sinfo)
+    log.info("image embedding (%s): %d images by the indirect step, %.2fs; %s", method, filled.sum(), seconds,
+             fit_summary(dict(info, rmse=rmse)))
     if method == "gd":
         info["gd_init"] = gd_init
     return ImageEmbedding(vectors, covered, rmse, filled, info)
 
 
-__all__ = ["ImageEmbedding", "embed_images", "stimulus_matrix"]
+#: Relative error below which the least-squares fit counts as exact.
+EXACT = 1e-6
+
+
+def fit_summary(record: dict) -> str:
+    """One line on how well the image embedding fits, from its numbers (an ``info`` dict plus ``rmse``, or the
+    pipeline's manifest record of the stage, which adds ``holdout_relative``/``holdout_self_match``)."""
+    rmse = record.get("rmse")
+    if not isinstance(rmse, (int, float)):
+        return "error not recorded"
+    if "relative_error" not in record:  # a workspace written before the error was per neuron
+        return f"RMSE {rmse:.4f} per coordinate (an older workspace; rerun the study for the per-neuron error)"
+    rel, n, c = record["relative_error"], record.get("num_neurons"), record.get("num_covered")
+    shape = f"{c} covered images for {n} base neurons"
+    if rel < EXACT:
+        text = (f"exact fit ({shape}: underdetermined, so every base neuron is reproduced exactly and the error, "
+                f"{rmse:.2g} per neuron, says nothing about faithfulness)"
+                if record.get("determined") == "under" else f"exact fit ({shape}; error {rmse:.2g} per neuron)")
+    else:
+        text = (f"error per neuron {rmse:.4f}, {rel:.1%} of the neurons' norm ({shape}, "
+                f"{'underdetermined' if record.get('determined') == 'under' else 'overdetermined'})")
+    hold = record.get("holdout_relative")
+    if isinstance(hold, (int, float)):
+        text += (f"; base neurons held out of the fit land {hold:.2f} of a typical inter-neuron distance from their "
+                 f"learned vectors (0 = exactly, ~1 = no better than a random neuron)")
+        match = record.get("holdout_self_match")
+        if isinstance(match, (int, float)):
+            text += f", {match:.0%} of them nearer their own learned vector than any other neuron's"
+    return text
+
+
+__all__ = ["ImageEmbedding", "embed_images", "stimulus_matrix", "fit_summary"]

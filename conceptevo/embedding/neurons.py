@@ -21,6 +21,12 @@ As in Algorithm 1 only ``v_n`` and ``v_m`` move; negative neurons' vectors are
 read, not updated. A neuron that is never in a pair therefore keeps its initial
 vector.
 
+The learning rate is the paper's 0.05, by default decayed linearly over the run
+(epoch e of E uses ``lr * max(1 - e/E, 1e-4)``, as word2vec does); the paper's
+constant rate (``lr_schedule="constant"``) leaves the vectors jittering with
+the last pairs' updates, so nearest neighbours keep changing and fewer of them
+share a concept (docs/fidelity.md measures both).
+
 The per-pair loop runs in a numba kernel over flat ``heads``/``tails``/negative
 arrays (single-threaded, so results are deterministic given the seed, with all
 random draws made by numpy outside the kernel). :func:`embed_neurons_reference`
@@ -38,6 +44,7 @@ import numpy as np
 from numba import njit
 from tqdm.auto import tqdm
 
+from ..config import LR_SCHEDULES, EmbeddingConfig
 from ..errors import ConceptEvoError, check_memory, check_positive, suggest
 from ..io import load_npy, read_json, save_npy, write_json
 from ._util import check_int, check_nonnegative, make_rng, stimuli_arrays
@@ -45,14 +52,14 @@ from .pairs import _ImageGroups, check_indices, stimulus_memberships
 
 log = logging.getLogger(__name__)
 
-#: Default maximum number of epochs. The paper runs up to 10,000 epochs (with
-#: early stopping) on VGG16. With lr = 0.05 the running J1 levels off within
-#: about 100 epochs on a synthetic VGG16-sized stimulus set (4,224 neurons,
-#: k = 10, ~26k pairs per epoch; the early-stopping rule fires at ~70 epochs)
-#: and sooner on small models, whose every neuron takes part in more pairs per
-#: vector. 1,000 is a generous cap that the early stop normally cuts short; an
-#: epoch of VGG16 size takes 10-35 ms on two CPU cores.
-DEFAULT_EPOCHS = 1000
+#: Default number of epochs, from :class:`conceptevo.config.EmbeddingConfig` (the one place
+#: every default of the embedding lives); chosen with ``bench/bench_fidelity.py``.
+DEFAULT_EPOCHS = EmbeddingConfig.epochs
+
+#: Neurons whose nearest neighbours the early-stopping rule follows (a fixed sample).
+STOP_SAMPLE = 2000
+#: Nearest neighbours per neuron the early-stopping rule compares.
+STOP_NEIGHBORS = 10
 
 
 # --------------------------------------------------------------------------------------
@@ -77,6 +84,7 @@ class NeuronEmbedding:
         None for projected embeddings.
     epochs_run : int
         Epochs actually run (fewer than asked when early stopping fired).
+        ``config["stop_reason"]`` says why the run ended.
     num_pairs : int
         |D|, the number of co-activation pairs per epoch.
     config : dict
@@ -328,13 +336,23 @@ def sample_epoch(indices, negatives: int = 3, rng=None):
     return _draw(_ImageGroups(*stimulus_memberships(arr)), arr.shape[0], negatives, make_rng(rng, "rng"))
 
 
-def _check_params(dim, negatives, lr, epochs, tol, patience):
+def _check_params(dim, negatives, lr, epochs, lr_schedule="constant", tol=0.0, patience=1, check_every=1):
     check_int("dim", dim, 1)
     check_int("negatives", negatives, 0)
     check_positive("lr", lr)
     check_int("epochs", epochs, 1)
+    if lr_schedule not in LR_SCHEDULES:
+        raise ConceptEvoError(f"lr_schedule must be one of {', '.join(map(repr, LR_SCHEDULES))}, got {lr_schedule!r}")
     check_nonnegative("tol", tol)
     check_int("patience", patience, 1)
+    check_int("check_every", check_every, 1)
+
+
+def epoch_lr(lr: float, epoch: int, epochs: int, lr_schedule: str) -> float:
+    """Learning rate of epoch ``epoch`` (0-based) of ``epochs``: ``lr``, or for "linear" ``lr * max(1 - epoch/epochs, 1e-4)``."""
+    if lr_schedule == "constant":
+        return float(lr)
+    return float(lr) * max(1.0 - epoch / epochs, 1e-4)
 
 
 def _prepare(stimuli, dim, seed):
@@ -361,9 +379,92 @@ def _prepare(stimuli, dim, seed):
     return ids, _ImageGroups(neurons, images), num_pairs, rng, vectors
 
 
-def embed_neurons(stimuli, dim: int = 30, negatives: int = 3, lr: float = 0.05, epochs: int = DEFAULT_EPOCHS,
-                  seed=0, tol: float = 1e-4, patience: int = 10, progress: bool = True) -> NeuronEmbedding:
+def nearest_neighbors(vectors, queries, k: int, groups=None) -> np.ndarray:
+    """int ``[len(queries), k]``: for each row index in ``queries``, its ``k`` nearest other rows (Euclidean), any order.
+
+    With ``groups`` (one label per row), rows of the query's own group are left out too (e.g. a checkpoint's
+    neurons, to find a neuron's nearest neighbours among other checkpoints').
+    """
+    v = np.asarray(vectors, dtype=np.float64)
+    q = np.asarray(queries, dtype=np.int64)
+    k = min(int(k), len(v) - 1)
+    sq = (v * v).sum(1)
+    out = np.empty((q.size, k), dtype=np.int64)
+    for s in range(0, q.size, 512):
+        rows = q[s:s + 512]
+        d = sq[None, :] - 2 * v[rows] @ v.T
+        d[np.arange(rows.size), rows] = np.inf
+        if groups is not None:
+            d[groups[rows][:, None] == groups[None, :]] = np.inf
+        out[s:s + rows.size] = np.argpartition(d, k - 1, axis=1)[:, :k]
+    return out
+
+
+def _shared(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Per row, how many of the neighbours in row i of ``a`` are also in row i of ``b``."""
+    return (a[:, :, None] == b[:, None, :]).any(axis=2).sum(axis=1)
+
+
+def changed_share(before: np.ndarray, after: np.ndarray) -> float:
+    """Share of the neighbours in ``after`` (rows of neighbour indices) that were not in the same row of ``before``."""
+    if before.size == 0:
+        return 0.0
+    return float(1.0 - _shared(after, before).sum() / after.size)
+
+
+def neighbor_jaccard(a: np.ndarray, b: np.ndarray) -> float:
+    """Mean over rows of the Jaccard index of the neighbour sets in row i of ``a`` and of ``b``."""
+    shared = _shared(a, b)
+    return float(np.mean(shared / (a.shape[1] + b.shape[1] - shared)))
+
+
+class _NeighborStop:
+    """The early-stopping rule on what users see: how much the nearest-neighbour sets still change.
+
+    Every ``check_every`` epochs the 10 nearest neighbours of a fixed sample of
+    neurons are found; ``c_i`` is the share of them that were not neighbours at
+    the previous check. Stop at check i when ``c_{i - patience} - c_i < tol``:
+    over the last ``patience`` checks the neighbourhoods stopped settling. Under
+    a constant learning rate ``c`` levels off well above 0 (the updates keep
+    shuffling neighbours) about when concept purity does; under the linear
+    decay it keeps falling until the last epochs, so the rule rarely fires.
+    """
+
+    def __init__(self, num_neurons, tol, patience, check_every):
+        self.tol, self.patience, self.every = float(tol), int(patience), int(check_every)
+        self.sample = np.sort(np.random.default_rng(0).choice(num_neurons, size=min(num_neurons, STOP_SAMPLE),
+                                                              replace=False))
+        self.prev = None
+        self.changes: list[float] = []
+        self.reason = ""
+
+    def __call__(self, epoch: int, vectors) -> bool:
+        if epoch % self.every:
+            return False
+        nn = nearest_neighbors(vectors, self.sample, STOP_NEIGHBORS)
+        if self.prev is not None:
+            self.changes.append(changed_share(self.prev, nn))
+        self.prev = nn
+        c = self.changes
+        if len(c) > self.patience and c[-1 - self.patience] - c[-1] < self.tol:
+            self.reason = (f"early stop at epoch {epoch}: the share of changed {STOP_NEIGHBORS}-nearest neighbours "
+                           f"between checks {self.every} epochs apart fell by {c[-1 - self.patience] - c[-1]:.3f} "
+                           f"< tol {self.tol:g} over the last {self.patience} checks (now {c[-1]:.3f})")
+            return True
+        return False
+
+
+def embed_neurons(stimuli, dim: int = EmbeddingConfig.dim, negatives: int = EmbeddingConfig.negatives,
+                  lr: float = EmbeddingConfig.lr, epochs: int = EmbeddingConfig.epochs,
+                  seed=EmbeddingConfig.seed, lr_schedule: str = EmbeddingConfig.lr_schedule,
+                  early_stop: bool = EmbeddingConfig.early_stop, tol: float = EmbeddingConfig.tol,
+                  patience: int = EmbeddingConfig.patience, check_every: int = EmbeddingConfig.check_every,
+                  progress: bool = True) -> NeuronEmbedding:
     """Learn the base neuron embedding from the base checkpoint's stimuli (Algorithm 1).
+
+    Every default comes from :class:`conceptevo.config.EmbeddingConfig` (the
+    ``[embedding]`` table of a study config), so the API and ``conceptevo run``
+    behave the same.
 
     Parameters
     ----------
@@ -376,59 +477,72 @@ def embed_neurons(stimuli, dim: int = 30, negatives: int = 3, lr: float = 0.05, 
     lr : float
         Learning rate of the per-pair gradient ascent (paper: 0.05).
     epochs : int
-        Maximum number of epochs (see :data:`DEFAULT_EPOCHS`).
+        Epochs to run (the most, with ``early_stop``).
     seed : int, numpy Generator or None
         Seeds the initial vectors and every epoch's draws; the same seed gives
         the same result.
-    tol : float
-        Early stop: after each epoch past ``2 * patience``, stop when the mean
-        running J1 of the last ``patience`` epochs exceeds that of the
-        ``patience`` epochs before by less than ``tol`` relative to the latter
-        (``(new - old) / |old| < tol``). Averaging over a window keeps the
-        epoch-to-epoch noise of the random draws from stopping too early (a
-        per-pair gradient norm never reaches 0 under stochastic updates, so it
-        is logged, not used). 0 disables early stopping.
-    patience : int
-        Window length (epochs) of the early-stopping rule.
+    lr_schedule : {"linear", "constant"}
+        "linear" (default): epoch e of E uses ``lr * max(1 - e/E, 1e-4)``, so the
+        vectors settle as the rate falls; "constant": ``lr`` throughout (the
+        paper's Algorithm 1 as printed).
+    early_stop : bool
+        Stop before ``epochs`` when the nearest-neighbour sets stop settling:
+        every ``check_every`` epochs, the share ``c`` of a fixed sample of (up to
+        2,000) neurons' 10 nearest neighbours that changed since the previous
+        check is measured, and the run stops once ``c`` fell by less than
+        ``tol`` over the last ``patience`` checks. Off by default: with the
+        linear schedule the neighbourhoods keep improving to the last epoch.
+        With the linear schedule a stop also cuts the decay short.
+    tol, patience, check_every :
+        Parameters of the early-stopping rule (tol is a share, 0..1).
     progress : bool
         Show a tqdm progress bar over epochs.
 
     Returns
     -------
     NeuronEmbedding
-        float32 vectors, with ``j1_history`` and ``epochs_run``.
+        float32 vectors, with ``j1_history``, ``epochs_run`` and, in
+        ``config``, ``stop_reason`` (also logged) and ``neighbor_change`` (the
+        rule's ``c`` at each check, when it was on).
     """
-    _check_params(dim, negatives, lr, epochs, tol, patience)
+    _check_params(dim, negatives, lr, epochs, lr_schedule, tol, patience, check_every)
+    if not isinstance(early_stop, (bool, np.bool_)):
+        raise ConceptEvoError(f"early_stop must be True or False, got {early_stop!r}")
     ids, groups, num_pairs, rng, vectors = _prepare(stimuli, dim, seed)
+    rule = _NeighborStop(len(ids), tol, patience, check_every) if early_stop else None
     history: list[float] = []
-    stopped = False
+    reason = ""
     bar = tqdm(range(epochs), desc="neuron embedding", disable=not progress, leave=False)
     for epoch in bar:
         heads, tails, neg_n, neg_m = _draw(groups, len(ids), negatives, rng)
-        j1, gnorm = _sgd_epoch(vectors, heads, tails, neg_n, neg_m, float(lr))
+        rate = epoch_lr(lr, epoch, epochs, lr_schedule)
+        j1, gnorm = _sgd_epoch(vectors, heads, tails, neg_n, neg_m, rate)
         if not np.isfinite(j1):
             raise ConceptEvoError(f"the neuron embedding diverged at epoch {epoch + 1} (J1 = {j1}); lower lr (now {lr})")
         history.append(j1)
         if progress:
-            bar.set_postfix(j1_per_pair=f"{j1 / num_pairs:.4f}", grad=f"{gnorm:.3g}", refresh=False)
-        if tol > 0 and len(history) >= 2 * patience:
-            new = float(np.mean(history[-patience:]))
-            old = float(np.mean(history[-2 * patience:-patience]))
-            if (new - old) / abs(old) < tol:
-                stopped = True
-                break
+            bar.set_postfix(j1_per_pair=f"{j1 / num_pairs:.4f}", grad=f"{gnorm:.3g}", lr=f"{rate:.3g}", refresh=False)
+        if rule is not None and epoch + 1 < epochs and rule(epoch + 1, vectors):
+            reason = rule.reason
+            break
     bar.close()
-    log.info("neuron embedding: %d neurons, %d pairs/epoch, %d epochs%s, J1/pair %.4f -> %.4f",
-             len(ids), num_pairs, len(history), " (early stop)" if stopped else "",
-             history[0] / num_pairs, history[-1] / num_pairs)
-    config = dict(dim=dim, negatives=negatives, lr=float(lr), epochs=epochs, tol=float(tol), patience=patience,
-                  seed=seed if isinstance(seed, (int, type(None))) else repr(seed), early_stopped=stopped)
+    if not reason:
+        reason = (f"ran all {epochs} epochs ({lr_schedule} learning rate"
+                  + (", the early stop did not fire)" if early_stop else ", early stop off)"))
+    log.info("neuron embedding: %d neurons, %d pairs/epoch, %d epochs, J1/pair %.4f -> %.4f; %s",
+             len(ids), num_pairs, len(history), history[0] / num_pairs, history[-1] / num_pairs, reason)
+    config = dict(dim=dim, negatives=negatives, lr=float(lr), lr_schedule=lr_schedule, epochs=epochs,
+                  early_stop=bool(early_stop), tol=float(tol), patience=patience, check_every=check_every,
+                  seed=seed if isinstance(seed, (int, type(None))) else repr(seed),
+                  early_stopped=len(history) < epochs, stop_reason=reason,
+                  neighbor_change=None if rule is None else [round(c, 5) for c in rule.changes])
     return NeuronEmbedding(ids, vectors, j1_history=np.array(history), epochs_run=len(history),
                            num_pairs=num_pairs, config=config)
 
 
 def embed_neurons_reference(stimuli, dim: int = 30, negatives: int = 3, lr: float = 0.05, epochs: int = 10,
-                            seed=0, max_pairs: int | None = None) -> NeuronEmbedding:
+                            seed=0, max_pairs: int | None = None,
+                            lr_schedule: str = EmbeddingConfig.lr_schedule) -> NeuronEmbedding:
     """Algorithm 1 in plain Python, one pair at a time (slow; the benchmark's baseline).
 
     Makes exactly the random draws of :func:`embed_neurons` with the same seed
@@ -436,19 +550,19 @@ def embed_neurons_reference(stimuli, dim: int = 30, negatives: int = 3, lr: floa
     rounding. No early stopping. ``max_pairs`` truncates every epoch to its
     first pairs (to time a fraction of an epoch).
     """
-    _check_params(dim, negatives, lr, epochs, 0.0, 1)
+    _check_params(dim, negatives, lr, epochs, lr_schedule)
     ids, groups, num_pairs, rng, vectors = _prepare(stimuli, dim, seed)
     history = []
-    for _ in range(epochs):
+    for epoch in range(epochs):
         heads, tails, neg_n, neg_m = _draw(groups, len(ids), negatives, rng)
         if max_pairs is not None:
             heads, tails, neg_n, neg_m = heads[:max_pairs], tails[:max_pairs], neg_n[:max_pairs], neg_m[:max_pairs]
-        j1, _ = _sgd_epoch_python(vectors, heads, tails, neg_n, neg_m, float(lr))
+        j1, _ = _sgd_epoch_python(vectors, heads, tails, neg_n, neg_m, epoch_lr(lr, epoch, epochs, lr_schedule))
         history.append(j1)
     return NeuronEmbedding(ids, vectors, j1_history=np.array(history), epochs_run=epochs,
                            num_pairs=num_pairs, config=dict(dim=dim, negatives=negatives, lr=float(lr),
-                                                            epochs=epochs, reference=True))
+                                                            lr_schedule=lr_schedule, epochs=epochs, reference=True))
 
 
 __all__ = ["NeuronEmbedding", "embed_neurons", "embed_neurons_reference", "objective", "sample_epoch",
-           "DEFAULT_EPOCHS"]
+           "DEFAULT_EPOCHS", "epoch_lr", "nearest_neighbors", "changed_share", "neighbor_jaccard"]

@@ -2,7 +2,8 @@
 
 * ``vgg_like``: a VGG-style stack of 3x3 convolutions in four stages, with
   dropout in the classifier (``dropout=0`` turns it off, as in the paper's
-  overfitting experiment).
+  overfitting experiment) and BatchNorm after every convolution
+  (``batchnorm=False`` leaves it out, as in the original VGG16).
 * ``resnet_like``: a small pre-activation-free ResNet with residual blocks and
   projection shortcuts (branching, not sequential).
 * ``tv:NAME``: any torchvision classification model, randomly initialised
@@ -28,9 +29,10 @@ log = logging.getLogger(__name__)
 
 
 class VGGLike(nn.Module):
-    """VGG-style CNN: conv3x3-BN-ReLU blocks, max-pooling between stages."""
+    """VGG-style CNN: conv3x3-BN-ReLU blocks (conv3x3-ReLU without BatchNorm), max-pooling between stages."""
 
-    def __init__(self, in_channels: int = 1, num_classes: int = 10, width: int = 16, dropout: float = 0.5):
+    def __init__(self, in_channels: int = 1, num_classes: int = 10, width: int = 16, dropout: float = 0.5,
+                 batchnorm: bool = True):
         super().__init__()
         cfg = [width, width, "M", 2 * width, 2 * width, "M", 4 * width, 4 * width, "M", 8 * width, 8 * width]
         layers: list[nn.Module] = []
@@ -39,7 +41,8 @@ class VGGLike(nn.Module):
             if v == "M":
                 layers.append(nn.MaxPool2d(2))
             else:
-                layers += [nn.Conv2d(c, v, 3, padding=1), nn.BatchNorm2d(v), nn.ReLU(inplace=True)]
+                layers += [nn.Conv2d(c, v, 3, padding=1), nn.BatchNorm2d(v) if batchnorm else nn.Identity(),
+                           nn.ReLU(inplace=True)]
                 c = v
         self.features = nn.Sequential(*layers)
         self.pool = nn.AdaptiveAvgPool2d(1)
@@ -94,12 +97,12 @@ class ResNetLike(nn.Module):
         return self.fc(torch.flatten(self.pool(self.layers(self.stem(x))), 1))
 
 
-def vgg_like(in_channels=1, num_classes=10, width=16, dropout=0.5, **_):
-    return VGGLike(in_channels, num_classes, width=width, dropout=dropout)
+def vgg_like(in_channels=1, num_classes=10, width=16, dropout=0.5, batchnorm=True, **_):
+    return VGGLike(in_channels, num_classes, width=width, dropout=dropout, batchnorm=batchnorm)
 
 
-def vgg_like_nodropout(in_channels=1, num_classes=10, width=16, **_):
-    return VGGLike(in_channels, num_classes, width=width, dropout=0.0)
+def vgg_like_nodropout(in_channels=1, num_classes=10, width=16, batchnorm=True, **_):
+    return VGGLike(in_channels, num_classes, width=width, dropout=0.0, batchnorm=batchnorm)
 
 
 def resnet_like(in_channels=1, num_classes=10, width=16, **_):
