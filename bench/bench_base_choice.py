@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "src"))
 
 from conceptevo.basechoice import choose_base  # noqa: E402
 from conceptevo.config import BaseConfig, DataConfig, LayoutConfig, ModelConfig, StimuliConfig, StudyConfig  # noqa: E402

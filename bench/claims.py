@@ -54,7 +54,7 @@ import torch
 from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from conceptevo.config import (BaseConfig, DataConfig, LayoutConfig, ModelConfig, StimuliConfig,  # noqa: E402

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "src"))
 
 from conceptevo.data import open_dataset, sample_pool  # noqa: E402
 from conceptevo.errors import ConceptEvoError  # noqa: E402

@@ -41,7 +41,7 @@ class ServerProcess:
 
     def __init__(self, workspace, nofile: int = 256, header_timeout: float = 10.0, idle_timeout: float = 15.0):
         env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1",
-                   PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
+                   PYTHONPATH=os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
         self.proc = subprocess.Popen([sys.executable, "-c", SCRIPT, str(workspace), str(nofile), str(header_timeout),
                                       str(idle_timeout)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                                      env=env, cwd=ROOT)

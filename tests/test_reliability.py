@@ -178,7 +178,7 @@ def _subprocess_env() -> dict:
     env = dict(os.environ)
     threads = str(torch.get_num_threads())  # the same thread count as this process's reference run
     env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads, MPLBACKEND="Agg",
-               PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep))
+               PYTHONPATH=os.pathsep.join([str(ROOT / "src"), env.get("PYTHONPATH", "")]).rstrip(os.pathsep))
     return env
 
 
