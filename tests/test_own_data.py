@@ -361,6 +361,17 @@ def test_importance_and_evaluation_name_the_classes(own, study, capsys):
         assert {row["class names"] for row in csv.DictReader(f)} == {"bars; blob"}
 
 
+def test_evaluate_images_bounds_the_test_sample_too(study):
+    """`evaluate-importance --images 8` measures 8 training and 8 test images of the class, not 8 and up to 128."""
+    from conceptevo.importance.commands import evaluate_command
+
+    ws, _ = study
+    test_images = int(np.sum(ws.dataset("test").targets == MODEL_ORDER.index("blob")))
+    assert test_images > 8
+    r = evaluate_command(ws.path, "own", stages="step20:step60", classes="blob", repeats=1, images=8, progress=False)
+    assert r["results"][0].num_images.tolist() == [[[8, 8]]]
+
+
 def test_a_test_folder_missing_a_class_keeps_the_numbering(tmp_path):
     write_folder(tmp_path / "d" / "train", 3, seed=1)
     write_folder(tmp_path / "d" / "test", 3, seed=2, classes=["bars", "columns"])
