@@ -498,6 +498,11 @@ def test_milestones():
         nearest_milestones([{"tag": "a", "train_top1": 0.2}, {"tag": "b", "train_top1": 0.4}])
     with pytest.raises(ConceptEvoError, match="no checkpoint records 'train_top1'"):
         nearest_milestones([{"tag": "a", "loss": 1.0}])
+    # a user's own checkpoints record no accuracy: the error gives stages made of their tags, and how to record one
+    own = [{"tag": f"ckpt_epoch{i}"} for i in range(4)]
+    with pytest.raises(ConceptEvoError, match=r"--stages ckpt_epoch0:ckpt_epoch2,ckpt_epoch2:ckpt_epoch3 .*"
+                                              r"train_top1.* in a checkpoints\.json"):
+        stages_from_milestones(own)
     with pytest.raises(ConceptEvoError, match="both fall on checkpoint"):
         stages_from_milestones([{"tag": "a", "train_top1": 0.3}, {"tag": "b", "train_top1": 0.7}], milestones=(0.25, 0.4, 0.75))
     assert parse_stages("e5:e21, e21:e207") == [("e5", "e21"), ("e21", "e207")]
