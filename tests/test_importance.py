@@ -570,3 +570,17 @@ def test_bad_numbers():
         evaluate_reversion(m_from, m_to, TinyData(), None, 0, bins=1, progress=False)
     with pytest.raises(DatasetError, match="outside the dataset"):
         evolution_importance(m_from, m_to, TinyData(), 0, images=[0, 999], progress=False)
+
+
+def test_logs_name_the_class(caplog):
+    """Issue 12, item 4: the log says 'class 2 ('c2')', not 'class 2' alone, where the dataset has class names."""
+    import logging
+
+    m_from, m_to = pair("seq")
+    with caplog.at_level(logging.INFO, logger="conceptevo"):
+        evolution_importance(m_from, m_to, TinyData(), 2, images=[0, 1, 2], progress=False)
+        evaluate_reversion(m_from, m_to, TinyData(), None, 2, num_images=4, repeats=1, progress=False)
+    said = [r.getMessage() for r in caplog.records]
+    assert any("for class 2 ('c2') on 3 images" in m for m in said)
+    assert any("of the 3 images given are not of class 2 ('c2')" in m for m in said)
+    assert any(m.startswith("class 2 ('c2') repeat 0:") for m in said)
