@@ -319,6 +319,7 @@ def test_classes_numbered_alphabetically_stop_the_run(own, tmp_path):
 
 def test_run_prints_the_class_mapping(study):
     _, log = study
+    assert "stimulus pool: 120 of the 200 images of shapes (a seeded, class-balanced sample)" in log  # not 'shapes[120]'
     assert any("classes (model output: name), as given by [data] classes: 0 columns, 1 checks, 2 bars, 3 blob" in m
                for m in log)
 
