@@ -110,6 +110,11 @@ def _demo_study(request) -> dict:
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    import wandb
+
+    # the block leaves the run it opened open (a reader finishes it later); finish it, or the next
+    # wandb.init of this process (tests/test_exports.py) is handed that same run
+    request.addfinalizer(lambda: wandb.run is not None and wandb.finish())
     src = fabricated.shared(request.getfixturevalue("tmp_path_factory")).path
     dst = here / "demo-out" / "study"
     shutil.copytree(src, dst)
