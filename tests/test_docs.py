@@ -10,6 +10,13 @@ A block that cannot run as a test says why on that line; such blocks are
 compiled only, and must stay rare::
 
     <!-- docs-test: illustrative: REASON -->
+
+A walk-through section (README's "Your own model") is run as a whole by its
+own test (tests/test_readme_own_model.py): its blocks that are files to write
+(a model module, a training script, a study config) say so, and are only
+compiled here; its shell blocks are the commands that test runs::
+
+    <!-- docs-test: file mynet.py -->
 """
 from __future__ import annotations
 
@@ -23,14 +30,21 @@ ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md"] + sorted((ROOT / "docs").glob("*.md"))
 FENCE = re.compile(r"^```(\w*)\s*$")
 MARKER = re.compile(r"^<!--\s*docs-test:\s*(.*?)\s*-->\s*$")
+HEADING = re.compile(r"^##\s+(.*?)\s*$")
 MAX_ILLUSTRATIVE = 2
+#: Sections whose blocks are run as a whole by a test of their own: (file, "## " heading) -> that test.
+WALKTHROUGHS = {("README.md", "Your own model"): "tests/test_readme_own_model.py"}
 
 
-def python_blocks(path: Path) -> list[dict]:
-    """The ```python blocks of a markdown file: line, code, and the docs-test marker before the fence."""
+def code_blocks(path: Path) -> list[dict]:
+    """The fenced blocks of a markdown file: language, line, code, the docs-test marker before the fence,
+    and the "## " section they are in."""
     lines = path.read_text().splitlines()
-    out, i = [], 0
+    out, i, section = [], 0, None
     while i < len(lines):
+        h = HEADING.match(lines[i])
+        if h:
+            section = h.group(1)
         m = FENCE.match(lines[i])
         if not m:
             i += 1
@@ -41,13 +55,18 @@ def python_blocks(path: Path) -> list[dict]:
             j += 1
         if j == len(lines):
             raise AssertionError(f"{path.name}:{start + 1}: a code fence is never closed")
-        if lang in ("python", "py"):
-            prev = next((lines[k] for k in range(start - 1, -1, -1) if lines[k].strip()), "")
-            mk = MARKER.match(prev.strip())
-            out.append({"file": path.name, "line": start + 1, "code": "\n".join(lines[start + 1:j]),
-                        "marker": mk.group(1) if mk else None})
+        prev = next((lines[k] for k in range(start - 1, -1, -1) if lines[k].strip()), "")
+        mk = MARKER.match(prev.strip())
+        out.append({"file": path.name, "line": start + 1, "lang": lang, "code": "\n".join(lines[start + 1:j]),
+                    "marker": mk.group(1) if mk else None, "section": section})
         i = j + 1
     return out
+
+
+def python_blocks(path: Path) -> list[dict]:
+    """The ```python blocks of a markdown file: line, code, and the docs-test marker before the fence."""
+    return [{k: b[k] for k in ("file", "line", "code", "marker", "section")}
+            for b in code_blocks(path) if b["lang"] in ("python", "py")]
 
 
 BLOCKS = [b for p in DOCS for b in python_blocks(p)]
@@ -91,6 +110,11 @@ def _demo_study(request) -> dict:
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    import wandb
+
+    # the block leaves the run it opened open (a reader finishes it later); finish it, or the next
+    # wandb.init of this process (tests/test_exports.py) is handed that same run
+    request.addfinalizer(lambda: wandb.run is not None and wandb.finish())
     src = fabricated.shared(request.getfixturevalue("tmp_path_factory")).path
     dst = here / "demo-out" / "study"
     shutil.copytree(src, dst)
@@ -114,6 +138,9 @@ def _kind(marker: str | None) -> tuple[str, str | None]:
     m = re.fullmatch(r"illustrative:\s*(\S.*)", marker)
     if m:
         return "illustrative", m.group(1)
+    m = re.fullmatch(r"file\s+([\w.-]+(?:/[\w.-]+)*)", marker)
+    if m:
+        return "file", m.group(1)
     return "bad", marker
 
 
@@ -124,6 +151,10 @@ def test_the_docs_have_python_blocks_and_every_marker_is_known():
         assert kind != "bad", f"{b['file']}:{b['line']}: unknown docs-test marker {arg!r}"
         if kind == "context":
             assert arg in CONTEXTS, f"{b['file']}:{b['line']}: no docs-test context {arg!r}; known: {sorted(CONTEXTS)}"
+        if kind == "file":  # only where a walk-through test writes and runs it
+            assert (b["file"], b["section"]) in WALKTHROUGHS, (
+                f"{b['file']}:{b['line']}: a 'file' block outside a walk-through section "
+                f"({', '.join(f'{f} {s!r}' for f, s in WALKTHROUGHS)}) would never run")
     illustrative = [b for b in BLOCKS if _kind(b["marker"])[0] == "illustrative"]
     assert len(illustrative) <= MAX_ILLUSTRATIVE, (
         f"{len(illustrative)} Python blocks are marked illustrative (at most {MAX_ILLUSTRATIVE}): "
@@ -139,6 +170,10 @@ def test_the_block_reader_finds_fences_markers_and_contexts(tmp_path):
         (7, "a = 1", "context two-checkpoints"), (10, "b = 2", None), (15, "c = 3", "illustrative: needs a GPU")]
     assert [_kind(b["marker"]) for b in got] == [("context", "two-checkpoints"), ("run", None),
                                                  ("illustrative", "needs a GPU")]
+    doc.write_text("# t\n## One\n```sh\nls\n```\n## Two\n<!-- docs-test: file src/net.py -->\n```toml\nx = 1\n```\n")
+    assert [(b["lang"], b["section"], _kind(b["marker"])) for b in code_blocks(doc)] == [
+        ("sh", "One", ("run", None)), ("toml", "Two", ("file", "src/net.py"))]
+    assert python_blocks(doc) == []
     doc.write_text("```python\nx = 1\n")
     with pytest.raises(AssertionError, match="never closed"):
         python_blocks(doc)
@@ -149,8 +184,8 @@ def test_the_block_reader_finds_fences_markers_and_contexts(tmp_path):
 def test_python_block_runs(block, tmp_path, monkeypatch, request):
     kind, arg = _kind(block["marker"])
     code = compile(block["code"], f"{block['file']}:{block['line']}", "exec")
-    if kind == "illustrative":
-        return  # compiled above: at least its syntax is checked
+    if kind in ("illustrative", "file"):
+        return  # compiled above: at least its syntax is checked (a file block runs in its walk-through's test)
     monkeypatch.chdir(tmp_path)
     namespace = {"__name__": "__docs__"}
     if kind == "context":

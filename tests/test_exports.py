@@ -585,8 +585,10 @@ def test_wandb_export_offline_run_read_back(study, diagnosis, offline_wandb, tmp
 def test_wandb_export_into_an_open_run(study, offline_wandb, tmp_path):
     from conceptevo.exports import export_wandb
 
-    run = offline_wandb.init(project="mine", dir=str(tmp_path), settings=offline_wandb.Settings(mode="offline", silent=True,
-                                                                                               x_disable_stats=True))
+    # create_new: a new run even when another test (or a README block) left one open, which wandb's
+    # default would hand back here instead
+    run = offline_wandb.init(project="mine", dir=str(tmp_path), reinit="create_new",
+                             settings=offline_wandb.Settings(mode="offline", silent=True, x_disable_stats=True))
     with pytest.raises(ConceptEvoError, match="not both"):
         export_wandb(study, tmp_path / "elsewhere", run=run)
     folder = export_wandb(study, run=run, images=False, diagnostics=False)

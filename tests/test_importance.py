@@ -498,6 +498,11 @@ def test_milestones():
         nearest_milestones([{"tag": "a", "train_top1": 0.2}, {"tag": "b", "train_top1": 0.4}])
     with pytest.raises(ConceptEvoError, match="no checkpoint records 'train_top1'"):
         nearest_milestones([{"tag": "a", "loss": 1.0}])
+    # a user's own checkpoints record no accuracy: the error gives stages made of their tags, and how to record one
+    own = [{"tag": f"ckpt_epoch{i}"} for i in range(4)]
+    with pytest.raises(ConceptEvoError, match=r"--stages ckpt_epoch0:ckpt_epoch2,ckpt_epoch2:ckpt_epoch3 .*"
+                                              r"train_top1.* in a checkpoints\.json"):
+        stages_from_milestones(own)
     with pytest.raises(ConceptEvoError, match="both fall on checkpoint"):
         stages_from_milestones([{"tag": "a", "train_top1": 0.3}, {"tag": "b", "train_top1": 0.7}], milestones=(0.25, 0.4, 0.75))
     assert parse_stages("e5:e21, e21:e207") == [("e5", "e21"), ("e21", "e207")]
@@ -565,3 +570,17 @@ def test_bad_numbers():
         evaluate_reversion(m_from, m_to, TinyData(), None, 0, bins=1, progress=False)
     with pytest.raises(DatasetError, match="outside the dataset"):
         evolution_importance(m_from, m_to, TinyData(), 0, images=[0, 999], progress=False)
+
+
+def test_logs_name_the_class(caplog):
+    """Issue 12, item 4: the log says 'class 2 ('c2')', not 'class 2' alone, where the dataset has class names."""
+    import logging
+
+    m_from, m_to = pair("seq")
+    with caplog.at_level(logging.INFO, logger="conceptevo"):
+        evolution_importance(m_from, m_to, TinyData(), 2, images=[0, 1, 2], progress=False)
+        evaluate_reversion(m_from, m_to, TinyData(), None, 2, num_images=4, repeats=1, progress=False)
+    said = [r.getMessage() for r in caplog.records]
+    assert any("for class 2 ('c2') on 3 images" in m for m in said)
+    assert any("of the 3 images given are not of class 2 ('c2')" in m for m in said)
+    assert any(m.startswith("class 2 ('c2') repeat 0:") for m in said)

@@ -241,3 +241,12 @@ def test_safetensors_suffix_in_any_case_and_tar(tmp_path):
     for c in list_checkpoints(tmp_path):
         dst = load_checkpoint(c.path, build_model("resnet_like", width=4))
         assert all(torch.equal(v, src.state_dict()[k]) for k, v in dst.state_dict().items())
+
+
+def test_checkpoints_may_name_one_file(tmp_path):
+    """`checkpoints = "ckpts/last.pt"` (one file, not a list) lists that file, not 'folder does not exist'."""
+    (tmp_path / "ckpt_epoch4.pt").write_bytes(b"x")
+    assert [(c.tag, c.epoch) for c in list_checkpoints(tmp_path / "ckpt_epoch4.pt")] == [("ckpt_epoch4", 4)]
+    assert [c.tag for c in list_checkpoints(str(tmp_path / "ckpt_epoch4.pt"))] == ["ckpt_epoch4"]
+    with pytest.raises(CheckpointError, match="does not exist"):
+        list_checkpoints(tmp_path / "ckpt_epoch5.pt")

@@ -319,6 +319,7 @@ def test_classes_numbered_alphabetically_stop_the_run(own, tmp_path):
 
 def test_run_prints_the_class_mapping(study):
     _, log = study
+    assert "stimulus pool: 120 of the 200 images of shapes (a seeded, class-balanced sample)" in log  # not 'shapes[120]'
     assert any("classes (model output: name), as given by [data] classes: 0 columns, 1 checks, 2 bars, 3 blob" in m
                for m in log)
 
@@ -359,6 +360,17 @@ def test_importance_and_evaluation_name_the_classes(own, study, capsys):
     assert "(bars; blob)" in r["markdown"].read_text()
     with open(r["csv"]) as f:
         assert {row["class names"] for row in csv.DictReader(f)} == {"bars; blob"}
+
+
+def test_evaluate_images_bounds_the_test_sample_too(study):
+    """`evaluate-importance --images 8` measures 8 training and 8 test images of the class, not 8 and up to 128."""
+    from conceptevo.importance.commands import evaluate_command
+
+    ws, _ = study
+    test_images = int(np.sum(ws.dataset("test").targets == MODEL_ORDER.index("blob")))
+    assert test_images > 8
+    r = evaluate_command(ws.path, "own", stages="step20:step60", classes="blob", repeats=1, images=8, progress=False)
+    assert r["results"][0].num_images.tolist() == [[[8, 8]]]
 
 
 def test_a_test_folder_missing_a_class_keeps_the_numbering(tmp_path):

@@ -180,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--stages", default="auto", help="auto (by accuracy milestones 0.25/0.5/0.75) or T:T2,T2:T3")
     ev.add_argument("--classes", default="all", help="all, a number of random classes, or a comma-separated list")
     ev.add_argument("--repeats", type=int, default=5)
-    ev.add_argument("--images", type=int, default=128)
+    ev.add_argument("--images", type=int, default=128, help="sampled images of each class, from the training and from the test split")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--device", default="cpu")
     ev.add_argument("--no-progress", action="store_true")

@@ -65,7 +65,7 @@ class DataConfig:
 class ModelConfig:
     name: str
     arch: str                       # built-in name, tv:NAME, or package.module:function
-    checkpoints: Any                # a folder, or a list of files
+    checkpoints: Any                # a folder, one file, or a list of files
     options: dict = field(default_factory=dict)
     prefix: str | None = None       # key prefix to strip from the checkpoints' keys ("model."); default: found
     key: str | None = None          # the checkpoint entry holding the state_dict ("state_dict"); default: found
@@ -79,7 +79,7 @@ class ModelConfig:
         cks = self.checkpoints
         if not (isinstance(cks, str) and cks) and not (
                 isinstance(cks, (list, tuple)) and cks and all(isinstance(c, str) and c for c in cks)):
-            raise ConceptEvoError(f"model {self.name!r}: checkpoints must be a folder or a non-empty list of files, got {cks!r}")
+            raise ConceptEvoError(f"model {self.name!r}: checkpoints must be a folder, a file or a non-empty list of files, got {cks!r}")
 
     def loading(self) -> dict:
         """How to build the model and read its checkpoints beyond arch and options (recorded in the workspace)."""

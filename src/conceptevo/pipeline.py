@@ -172,7 +172,9 @@ def _plan(ws: Workspace, config: StudyConfig, trust: bool = False):
     pool = study_pool(config.data)
     data_key = pool.fingerprint()
     num_images = len(pool.base) if hasattr(pool, "base") else len(pool)
-    log.info("stimulus pool: %d images of %s", len(pool), getattr(pool, "name", "dataset"))
+    log.info("stimulus pool: %d of the %d images of %s%s", len(pool), num_images,
+             getattr(getattr(pool, "base", pool), "name", "the dataset"),
+             " (a seeded, class-balanced sample)" if len(pool) < num_images else "")
     # before any pass: the image embedding alone holds a float32 vector per image
     check_memory(4.0 * num_images * config.embedding.dim, f"embedding.dim = {config.embedding.dim} (for {num_images} images)",
                  "lower embedding.dim (the paper uses 30)")

@@ -196,6 +196,13 @@ def labels_of(dataset) -> np.ndarray:
     return np.array([int(dataset[i][1]) for i in range(len(dataset))], dtype=np.int64)
 
 
+def class_label(dataset, class_index: int) -> str:
+    """``"3 ('Dress')"`` where the dataset names its classes, else ``"3"``: how logs name a class."""
+    classes = list(getattr(dataset, "classes", None) or [])
+    i = int(class_index)
+    return f"{i} ({classes[i]!r})" if 0 <= i < len(classes) else str(i)
+
+
 def check_class(dataset, class_index, labels: np.ndarray | None = None) -> np.ndarray:
     """Positions of ``class_index``'s images in ``dataset``; errors for a bad or empty class."""
     if isinstance(class_index, bool) or not isinstance(class_index, (int, np.integer)):

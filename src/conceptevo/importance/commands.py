@@ -155,7 +155,10 @@ def plot_evolutions(ws: Workspace, model: str, tag_from: str, tag_to: str, imp, 
 
 def evaluate_command(workspace, model: str, stages: str = "auto", classes="all", repeats: int = 5, images: int = 128,
                      seed: int = 0, device: str = "cpu", progress: bool = True, milestones=(0.25, 0.5, 0.75)) -> dict:
-    """Reversion evaluation (Table 1, Fig 6) of ``model``'s stages; writes the table and chart into the workspace."""
+    """Reversion evaluation (Table 1, Fig 6) of ``model``'s stages; writes the table and chart into the workspace.
+
+    Each class is measured on a seeded sample of ``images`` of its training and of its test images.
+    """
     check_device(device)
     ddp.init_from_env(device)
     ws = Workspace(workspace)
@@ -189,7 +192,8 @@ def evaluate_command(workspace, model: str, stages: str = "auto", classes="all",
         for c in class_list:
             log.info("reversion %s %s -> %s, class %s", model, t, t2, _class_name(train, c))
             per_class.append(evaluate_reversion(m_from, m_to, train, test, c, layers=_layers(ws), num_images=images,
-                                                repeats=repeats, seed=seed, device=device, stage=(t, t2), progress=progress))
+                                                num_test_images=images, repeats=repeats, seed=seed, device=device,
+                                                stage=(t, t2), progress=progress))
         res = combine_reversion(per_class)
         if ddp.is_main():
             res.save(ws.path / "evaluation" / model / f"{t}__{t2}.npz")

@@ -38,9 +38,18 @@ def _records(records) -> list[tuple[str, Mapping]]:
     return out
 
 
+def _example_stages(tags: list[str]) -> str:
+    """Two stages made of the tags (first -> middle -> last), or one, for an error message."""
+    if len(tags) < 3:
+        return ":".join(tags[:1] + tags[-1:]) if len(tags) == 2 else ""
+    mid = tags[len(tags) // 2]
+    return f"{tags[0]}:{mid},{mid}:{tags[-1]}"
+
+
 def _accuracies(records, key: str) -> list[tuple[str, float]]:
     pairs = []
-    for tag, fields in _records(records):
+    recs = _records(records)
+    for tag, fields in recs:
         value = fields.get("__value__", fields.get(key))
         if value is None:
             continue
@@ -51,9 +60,13 @@ def _accuracies(records, key: str) -> list[tuple[str, float]]:
         if math.isfinite(value):
             pairs.append((tag, value))
     if not pairs:
+        tags = [tag for tag, _ in recs]
+        example = _example_stages(tags)
         raise ConceptEvoError(
-            f"no checkpoint records {key!r}; record each checkpoint's training accuracy when saving it, "
-            "or give the stages explicitly (e.g. --stages e5:e21)"
+            f"no checkpoint records {key!r}, which choosing stages by accuracy milestones needs; give the stages "
+            + (f"explicitly, e.g. --stages {example} " if example else "explicitly (--stages FROM:TO) ")
+            + f"(checkpoints: {', '.join(tags[:12])}{', ...' if len(tags) > 12 else ''}), or record each checkpoint's "
+            f"training accuracy as \"metrics\": {{\"{key}\": ...}} in a checkpoints.json beside the checkpoint files"
         )
     if max(v for _, v in pairs) > 1.0 + 1e-9:
         log.info("%s looks like a percentage (max %.3g); dividing by 100", key, max(v for _, v in pairs))

@@ -48,6 +48,7 @@ from ..io import atomic_path, save_figure
 from ..layers import capture
 from ._common import (
     check_class,
+    class_label,
     check_device,
     check_distinct,
     check_shapes,
@@ -454,7 +455,7 @@ def evaluate_reversion(model_from: nn.Module, model_to: nn.Module, train_dataset
                 clean[0, r, s] = ok / n
                 changes[0, r, s] = np.moveaxis((rev - ok[None, None, :]) / n, -1, 0)
                 counts[0, r, s] = n
-        log.info("class %d repeat %d: train top-1 change per bin %s", class_index, r,
+        log.info("class %s repeat %d: train top-1 change per bin %s", class_label(train_dataset, class_index), r,
                  np.round(changes[0, r, 0, 0].mean(axis=0), 4).tolist())
     return ReversionResult([class_index], list(names), labels, changes, clean, counts,
                            stage=tuple(stage) if stage else None,

@@ -39,6 +39,7 @@ from ..io import atomic_path
 from ..layers import capture, neuron_id, split_neuron_id
 from ._common import (
     check_class,
+    class_label,
     check_device,
     check_distinct,
     check_shapes,
@@ -301,12 +302,13 @@ def evolution_importance(model_from: nn.Module, model_to: nn.Module, dataset, cl
         positions = explicit_positions(dataset, images)
         off = int(np.sum(labels[positions] != class_index))
         if off:
-            log.warning("%d of the %d images given are not of class %d", off, positions.size, class_index)
+            log.warning("%d of the %d images given are not of class %s", off, positions.size, class_label(dataset, class_index))
     else:
         positions = sample_positions(class_pos, num_images, np.random.default_rng(seed))
     class_index = int(class_index)
     dtype = model_dtype(model_from)
-    log.info("importance of %d layers' evolutions for class %d on %d images", len(names), class_index, positions.size)
+    log.info("importance of %d layers' evolutions for class %s on %d images", len(names), class_label(dataset, class_index),
+             positions.size)
     split = ddp.splits(positions.size)
     if ddp.active():
         fp = dataset.fingerprint() if hasattr(dataset, "fingerprint") else type(dataset).__name__

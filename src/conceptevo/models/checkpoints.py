@@ -401,7 +401,7 @@ def _copy_of(c: Checkpoint, others: list[Checkpoint]) -> bool:
 
 
 def list_checkpoints(source) -> list[Checkpoint]:
-    """Checkpoints of one model: a folder (with conceptevo's ``checkpoints.json`` or plain files) or a list of paths.
+    """Checkpoints of one model: a folder (with conceptevo's ``checkpoints.json`` or plain files), one file, or a list of paths.
 
     A list keeps its order. A folder without an index is ordered by the epoch
     or step in the file names (:func:`parse_position`), else by name with
@@ -417,6 +417,8 @@ def list_checkpoints(source) -> list[Checkpoint]:
             out.append(_from_file(p))
         return _unique(out)
     folder = Path(source)
+    if folder.is_file() or (not folder.exists() and folder.suffix.lower() in EXTENSIONS):
+        return list_checkpoints([folder])  # one checkpoint file
     if not folder.is_dir():
         raise CheckpointError(f"checkpoint folder {folder} does not exist; train first (`conceptevo train`) or fix the path")
     index = folder / INDEX_FILE
