@@ -99,7 +99,7 @@ def _environment() -> tuple[dict, str]:
     env = dict(os.environ)
     bindir = str(Path(sys.executable).parent)
     env["PATH"] = bindir + os.pathsep + env.get("PATH", "")
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src")] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
     env["MPLBACKEND"] = "Agg"
     # one torch thread per command: on a busy 2-core machine two threads ran evaluate-importance 4x slower (16 s vs 4 s)
     env["OMP_NUM_THREADS"] = "1"
