@@ -119,13 +119,10 @@ def test_evaluate_alignment_writes_a_report(tmp_path, tmp_path_factory):
 
 
 def test_evaluate_alignment_cli(tmp_path, tmp_path_factory, capsys):
-    import argparse
-
-    from conceptevo.diagnostics.cli import add_commands
+    from conceptevo.cli import build_parser
 
     path = fresh_copy(tmp_path, tmp_path_factory)
-    p = argparse.ArgumentParser()
-    add_commands(p.add_subparsers(dest="command"))
+    p = build_parser()
     args = p.parse_args(["evaluate-alignment", str(path), "--tasks", "20", "--no-cka", "--groups", "6",
                          "--out", str(tmp_path / "out")])
     assert args.fn(args) == 0

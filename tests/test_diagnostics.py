@@ -178,13 +178,10 @@ def test_diagnose_writes_metrics_and_plots(tmp_path, tmp_path_factory):
 
 
 def test_cli_commands_registered(tmp_path, tmp_path_factory, capsys):
-    import argparse
-
-    from conceptevo.diagnostics.cli import add_commands
+    from conceptevo.cli import build_parser
 
     path = fresh_copy(tmp_path, tmp_path_factory)
-    p = argparse.ArgumentParser()
-    add_commands(p.add_subparsers(dest="command"))
+    p = build_parser()
     args = p.parse_args(["diagnose", str(path), "--out", str(tmp_path / "d")])
     assert args.fn(args) == 0
     assert "diversity" in capsys.readouterr().out

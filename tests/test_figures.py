@@ -1,7 +1,6 @@
 """Static figures (Fig 1, 2, 3) and the `figures` / `patches` commands."""
 from __future__ import annotations
 
-import argparse
 import shutil
 
 import numpy as np
@@ -11,7 +10,7 @@ from PIL import Image
 
 import fabricated
 from conceptevo.errors import ConceptEvoError, WorkspaceError
-from conceptevo.explorer.cli import add_commands
+from conceptevo.cli import build_parser
 from conceptevo.report import make_figures, plot_neuron_evolution, plot_neuron_groups, plot_space_grid
 from conceptevo.report import analysis
 from conceptevo.workspace import Workspace, WorkspaceLock
@@ -26,9 +25,7 @@ def ws(tmp_path_factory):
 
 
 def parser():
-    p = argparse.ArgumentParser(prog="conceptevo")
-    add_commands(p.add_subparsers(dest="command", required=True))
-    return p
+    return build_parser()
 
 
 def test_make_figures_writes_png_and_pdf(ws, tmp_path):

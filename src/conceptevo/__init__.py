@@ -6,6 +6,7 @@ data -> stimuli -> embedding -> projection -> importance / evaluation -> figures
 from __future__ import annotations
 
 import importlib
+from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
 
@@ -25,6 +26,18 @@ _EXPORTS = {
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
 
+if TYPE_CHECKING:  # what IDEs and type checkers see; at run time __getattr__ imports each on first use
+    from .embedding import ImageEmbedding, NeuronEmbedding, embed_images, embed_neurons
+    from .errors import ConceptEvoError
+    from .explorer import explore, export_site
+    from .importance import evolution_importance
+    from .layers import resolve_layers
+    from .models import build_model, list_checkpoints, load_checkpoint
+    from .projection import fit_layout, project
+    from .report import make_figures
+    from .stimuli import Stimuli, find_stimuli, top_responses
+    from .workspace import Workspace
+
 
 def __getattr__(name):
     if name in _EXPORTS:
@@ -32,3 +45,7 @@ def __getattr__(name):
         globals()[name] = value
         return value
     raise AttributeError(f"module 'conceptevo' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -39,7 +39,15 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from .alignment.coherence import dataset_concepts, dominant_concepts
+from .config import DataConfig, EmbeddingConfig
+from .embedding import embed_images, embed_neurons
+from .embedding.neurons import nearest_neighbors, neighbor_jaccard
 from .errors import ConceptEvoError, suggest
+from .projection import project
+from .stimuli import top_responses
+from .study import study_pool
+from .workspace import Workspace
 
 log = logging.getLogger(__name__)
 
@@ -145,15 +153,6 @@ def choose_base(workspace, candidates=None, seed: int = 0, queries: int = QUERIE
     study's ``[embedding]`` config. Needs the stimuli of every checkpoint and
     the candidates' checkpoint files (for the image responses of the indirect step).
     """
-    from .alignment.coherence import dataset_concepts, dominant_concepts
-    from .config import DataConfig, EmbeddingConfig
-    from .embedding import embed_images, embed_neurons
-    from .embedding.neurons import nearest_neighbors, neighbor_jaccard
-    from .pipeline import load_model, study_pool
-    from .projection import project
-    from .stimuli import top_responses
-    from .workspace import Workspace
-
     ws = workspace if isinstance(workspace, Workspace) else Workspace(workspace)
     cands = _parse_candidates(ws, candidates)
     every = [(m, t) for m in ws.models for t in ws.tags(m)]
@@ -182,16 +181,13 @@ def choose_base(workspace, candidates=None, seed: int = 0, queries: int = QUERIE
     ep = EmbeddingConfig(**config.get("embedding", {}))
     params = asdict(ep)
     params.pop("seed")
-    num_images = int(ws.manifest.get("data", {}).get("num_images") or len(full))
-    models = ws.manifest.get("models", {})
+    num_images = int(ws.data_info.get("num_images") or len(full))
 
     results, spaces = [], []
     for model, tag in cands:
         t0 = time.perf_counter()
         base = stimuli[(model, tag)]
-        ck = next(c for c in ws.checkpoints(model) if c.tag == tag)
-        info = models[model]
-        net = load_model(info["arch"], info.get("options", {}), ck.path, full, trust=trust).to(device)
+        net = ws.load_model(model, tag, full, trust=trust).to(device)
         resp = top_responses(net, pool, base, top=config.get("images", {}).get("top_responses", 10),
                              device=device, progress=progress, num_images=num_images)
         runs = []

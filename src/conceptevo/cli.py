@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
 import time
@@ -118,29 +119,69 @@ def cmd_evaluate_importance(args) -> int:
     return 0
 
 
+def _handler(module: str, name: str):
+    """The command ``name`` of ``conceptevo.MODULE``, imported when the command runs: ``conceptevo --help`` and a
+    typo stay fast, as the commands' modules import torch, numba and matplotlib."""
+    def run(args) -> int:
+        return getattr(importlib.import_module(f"conceptevo.{module}"), name)(args)
+    run.__name__ = name
+    return run
+
+
+def _formats(text: str) -> tuple[str, ...]:
+    out = tuple(f.strip().lower().lstrip(".") for f in text.split(",") if f.strip())
+    bad = [f for f in out if f not in ("png", "pdf", "svg")]
+    if not out or bad:
+        raise argparse.ArgumentTypeError(f"formats must be a comma-separated list of png, pdf, svg; got {text!r}")
+    return out
+
+
+def _port(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"port must be an integer, got {text!r}") from None
+    if not 0 <= v <= 65535:
+        raise argparse.ArgumentTypeError(f"port must be in 0..65535, got {v}")
+    return v
+
+
+def _option(*args, **kwargs) -> argparse.ArgumentParser:
+    """A parent parser holding one option that several commands share (one definition, one help text)."""
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument(*args, **kwargs)
+    return p
+
+
+DEVICE = _option("--device", default="cpu", help="torch device: cpu, cuda, cuda:1, mps (default cpu)")
+NO_PROGRESS = _option("--no-progress", action="store_true", help="no progress bars")
+TRUST = _option("--trust-checkpoint", action="store_true", help="allow checkpoints that need arbitrary code to load")
+
+
 def build_parser() -> argparse.ArgumentParser:
+    """Every ``conceptevo`` command: its options here, its work in the function it names."""
     p = argparse.ArgumentParser(prog="conceptevo", description="How the concepts a CNN detects evolve during training (ConceptEvo).")
     p.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
     p.add_argument("-q", "--quiet", action="store_true", help="warnings only")
     sub = p.add_subparsers(dest="command", required=True)
 
-    d = sub.add_parser("demo", help="train on Fashion-MNIST, build the unified space, write the pictures")
+    def command(name: str, help: str, fn, parents=()) -> argparse.ArgumentParser:
+        c = sub.add_parser(name, help=help, parents=list(parents))
+        c.set_defaults(fn=fn)
+        return c
+
+    # -- a study: data and checkpoints -> the unified space ----------------------------------------
+    d = command("demo", "train on Fashion-MNIST, build the unified space, write the pictures", cmd_demo, [DEVICE, NO_PROGRESS])
     d.add_argument("--out", default="demo-out", help="output folder (default: demo-out)")
     d.add_argument("--quick", action="store_true", help="fewer images and epochs: a smoke test under 2 minutes")
     d.add_argument("--data", default=None, help="folder of the Fashion-MNIST IDX files (default: the Debian package's)")
-    d.add_argument("--device", default="cpu")
-    d.add_argument("--no-progress", action="store_true")
-    d.set_defaults(fn=cmd_demo)
 
-    r = sub.add_parser("run", help="run a study from a TOML config (reuses finished stages)")
+    r = command("run", "run a study from a TOML config (reuses finished stages)", cmd_run, [TRUST, NO_PROGRESS])
     r.add_argument("config")
-    r.add_argument("--trust-checkpoint", action="store_true", help="allow checkpoints that need arbitrary code to load")
     r.add_argument("--allow-chance", action="store_true",
                    help="run even when a model's last checkpoint scores at chance on the pool (e.g. an untrained baseline)")
-    r.add_argument("--no-progress", action="store_true")
-    r.set_defaults(fn=cmd_run)
 
-    t = sub.add_parser("train", help="train a built-in architecture and save checkpoints through training")
+    t = command("train", "train a built-in architecture and save checkpoints through training", cmd_train, [DEVICE, NO_PROGRESS])
     t.add_argument("--arch", default="vgg_like", help="vgg_like, vgg_like_nodropout, resnet_like, tv:NAME")
     t.add_argument("--data", default="fashion-mnist", help="fashion-mnist, idx, folder, synthetic")
     t.add_argument("--data-path", default=None)
@@ -154,14 +195,25 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--every-steps", type=int, default=None, help="a checkpoint every N steps (default: fractions of epoch 1, then every epoch)")
     t.add_argument("--first-epoch-checkpoints", type=int, default=6, help="geometric within epoch 1: 6 gives 1/32, 1/16, ..., 1/2, 1")
     t.add_argument("--train-images", type=int, default=None, help="images per epoch (a seeded subset)")
-    t.add_argument("--device", default="cpu")
-    t.add_argument("--no-progress", action="store_true")
-    from .diagnostics.cli import add_commands as diagnostics_commands, add_monitor_arguments
+    # concept diversity and collapse warnings while training (conceptevo.diagnostics.cli.train_monitor)
+    t.add_argument("--monitor", default=None, metavar="BASE_WORKSPACE",
+                   help="watch concept diversity/collapse at each checkpoint on this workspace's base space and warn early")
+    t.add_argument("--monitor-probe", type=int, default=1000, help="probe images for --monitor")
 
-    add_monitor_arguments(t)  # --monitor BASE_WORKSPACE: concept diversity and collapse warnings while training
-    t.set_defaults(fn=cmd_train)
+    i = command("info", "summarise a workspace", cmd_info)
+    i.add_argument("workspace")
 
-    im = sub.add_parser("importance", help="rank the concept evolutions t -> t' that matter for a class (Eqs 5-7)")
+    cb = command("choose-base", "build the space on each candidate base checkpoint, measure it, recommend one", cmd_choose_base,
+                 [DEVICE, TRUST, NO_PROGRESS])
+    cb.add_argument("workspace")
+    cb.add_argument("--candidates", nargs="+", default=None, metavar="MODEL:TAG",
+                    help="checkpoints to compare (default: every model's last checkpoint and the study's base)")
+    cb.add_argument("--seed", type=int, default=0)
+    cb.add_argument("--json", default=None, help="also write the measures to this JSON file")
+
+    # -- importance of concept evolutions -----------------------------------------------------------
+    im = command("importance", "rank the concept evolutions t -> t' that matter for a class (Eqs 5-7)", cmd_importance,
+                 [DEVICE, NO_PROGRESS])
     im.add_argument("workspace")
     im.add_argument("--model", required=True)
     im.add_argument("--from", dest="tag_from", required=True, help="checkpoint tag t")
@@ -170,11 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
     im.add_argument("--top", type=int, default=10)
     im.add_argument("--images", type=int, default=128, help="sampled images of the class")
     im.add_argument("--seed", type=int, default=0)
-    im.add_argument("--device", default="cpu")
-    im.add_argument("--no-progress", action="store_true")
-    im.set_defaults(fn=cmd_importance)
 
-    ev = sub.add_parser("evaluate-importance", help="revert important evolutions and measure the accuracy change (Table 1, Fig 6)")
+    ev = command("evaluate-importance", "revert important evolutions and measure the accuracy change (Table 1, Fig 6)",
+                 cmd_evaluate_importance, [DEVICE, NO_PROGRESS])
     ev.add_argument("workspace")
     ev.add_argument("--model", required=True)
     ev.add_argument("--stages", default="auto", help="auto (by accuracy milestones 0.25/0.5/0.75) or T:T2,T2:T3")
@@ -182,29 +232,66 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--repeats", type=int, default=5)
     ev.add_argument("--images", type=int, default=128, help="sampled images of each class, from the training and from the test split")
     ev.add_argument("--seed", type=int, default=0)
-    ev.add_argument("--device", default="cpu")
-    ev.add_argument("--no-progress", action="store_true")
-    ev.set_defaults(fn=cmd_evaluate_importance)
 
-    i = sub.add_parser("info", help="summarise a workspace")
-    i.add_argument("workspace")
-    i.set_defaults(fn=cmd_info)
+    # -- seeing concepts: patches, figures, the explorer, exports -----------------------------------
+    pa = command("patches", "example patches (receptive-field crops of the stimuli) for every checkpoint",
+                 _handler("explorer.cli", "cmd_patches"), [TRUST, NO_PROGRESS])
+    pa.add_argument("workspace")
+    pa.add_argument("--cell", type=int, default=None, help="patch size in pixels (default: the largest receptive field, 16..64)")
+    pa.add_argument("--force", action="store_true", help="recompute even when up to date")
 
-    cb = sub.add_parser("choose-base", help="build the space on each candidate base checkpoint, measure it, recommend one")
-    cb.add_argument("workspace")
-    cb.add_argument("--candidates", nargs="+", default=None, metavar="MODEL:TAG",
-                    help="checkpoints to compare (default: every model's last checkpoint and the study's base)")
-    cb.add_argument("--seed", type=int, default=0)
-    cb.add_argument("--device", default="cpu")
-    cb.add_argument("--json", default=None, help="also write the measures to this JSON file")
-    cb.add_argument("--trust-checkpoint", action="store_true")
-    cb.add_argument("--no-progress", action="store_true")
-    cb.set_defaults(fn=cmd_choose_base)
+    f = command("figures", "the space per checkpoint (Fig 2), neuron groups (Fig 1), a neuron's evolution (Fig 3)",
+                _handler("explorer.cli", "cmd_figures"), [TRUST, NO_PROGRESS])
+    f.add_argument("workspace")
+    f.add_argument("--out", default=None, help="folder for the figures (default: WORKSPACE/figures)")
+    f.add_argument("--formats", type=_formats, default=("png", "pdf"), help="comma-separated: png, pdf, svg (default png,pdf)")
+    f.add_argument("--neuron", default=None, help="neuron id for the evolution figure (default: the one that moved most)")
+    f.add_argument("--model", default=None, help="model of that neuron (default: the base model)")
+    f.add_argument("--groups", type=int, default=3, help="neuron groups shown in the groups figure")
+    f.add_argument("--kmeans", type=int, default=8, help="K-means groups of the unified space")
+    f.add_argument("--no-patches", action="store_true", help="do not compute missing example patches first")
 
-    from .explorer.cli import add_commands as explorer_commands
+    e = command("explore", "interactive explorer in the browser (a local web server)", _handler("explorer.cli", "cmd_explore"))
+    e.add_argument("workspace")
+    e.add_argument("--port", type=_port, default=8000, help="port (default 8000; 0 picks a free one)")
+    e.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    e.add_argument("--kmeans", type=int, default=8, help="K-means groups for the colouring")
+    e.add_argument("--open", action="store_true", help="open the page in the default browser")
 
-    explorer_commands(sub)  # patches, figures, explore, export
-    diagnostics_commands(sub)  # diagnose, evaluate-alignment
+    x = command("export", "the space for other tools: a static explorer site, TensorBoard's projector, "
+                          "a Weights & Biases run (no server, no network)", _handler("explorer.cli", "cmd_export"))
+    x.add_argument("workspace")
+    x.add_argument("--html", metavar="DIR", help="folder to write the static explorer site into")
+    x.add_argument("--kmeans", type=int, default=8, help="K-means groups for the site's colouring")
+    x.add_argument("--tensorboard", metavar="DIR", help="folder to write TensorBoard projector embeddings into (needs tensorboard)")
+    x.add_argument("--wandb", action="store_true", help="log the units tables and diagnostics curves to an offline W&B run (needs wandb)")
+    x.add_argument("--wandb-dir", metavar="DIR", default=None, help="folder for the W&B run (default: the current folder)")
+    x.add_argument("--wandb-project", default="conceptevo", metavar="NAME", help="W&B project name (default conceptevo)")
+    x.add_argument("--wandb-name", default=None, metavar="NAME", help="W&B run name (default: the workspace's folder name)")
+
+    # -- diagnostics and alignment without people ---------------------------------------------------
+    dg = command("diagnose", "concept diversity, evolution speed and collapse per checkpoint and layer, with plots",
+                 _handler("diagnostics.cli", "cmd_diagnose"))
+    dg.add_argument("workspace")
+    dg.add_argument("--milestones", default=None,
+                    help="training accuracies for the distance moved between milestones (default: try 0.25,0.5,0.75)")
+    dg.add_argument("--key", default="train_top1", help="the accuracy the milestones refer to (default train_top1)")
+    dg.add_argument("--tolerance", type=float, default=0.15, help="how far a checkpoint's accuracy may be from a milestone")
+    dg.add_argument("--estimator", default="knn", choices=["knn", "vasicek", "gaussian"], help="differential-entropy estimator")
+    dg.add_argument("--jaccard", type=float, default=0.5, help="stimulus overlap above which two neurons coincide")
+    dg.add_argument("--out", default=None, help="output folder (default WORKSPACE/diagnostics)")
+
+    a = command("evaluate-alignment", "K-means groups, concept coherence, intruder test and CKA, without people",
+                _handler("diagnostics.cli", "cmd_evaluate_alignment"), [DEVICE, TRUST])
+    a.add_argument("workspace")
+    a.add_argument("--groups", type=int, default=None, help="number of K-means groups (default: base neurons / 15)")
+    a.add_argument("--tasks", type=int, default=200, help="intruder tasks per setting")
+    a.add_argument("--seed", type=int, default=0)
+    a.add_argument("--views", default="auto", choices=["auto", "patches", "images"],
+                   help="what the judge sees: example patches (when computed) or stimulus images")
+    a.add_argument("--no-cka", action="store_true", help="skip the layer-level CKA comparison (it loads checkpoints)")
+    a.add_argument("--cka-images", type=int, default=500)
+    a.add_argument("--out", default=None, help="output folder (default WORKSPACE/alignment)")
     return p
 
 

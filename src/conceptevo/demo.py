@@ -15,7 +15,8 @@ from pathlib import Path
 
 from .config import BaseConfig, DataConfig, EmbeddingConfig, LayoutConfig, ModelConfig, StimuliConfig, StudyConfig
 from .data import find_fashion_mnist, open_dataset
-from .io import read_json
+from .errors import check_device
+from .io import read_json, write_bytes, write_json
 from .models import build_model
 from .models.train import TrainConfig, train
 from .pipeline import run_study
@@ -52,8 +53,6 @@ def demo_data(data_dir: str | None = None) -> DataConfig:
 
 def run_demo(out="demo-out", quick: bool = False, device: str = "cpu", data_dir: str | None = None, progress: bool = True):
     """Train, build the unified space, write the pictures; return the workspace."""
-    from .errors import check_device
-
     check_device(device)
     out = Path(out).resolve()
     settings = DemoSettings.quick() if quick else DemoSettings()
@@ -73,7 +72,6 @@ def run_demo(out="demo-out", quick: bool = False, device: str = "cpu", data_dir:
             model = build_model(arch, in_channels=in_ch, num_classes=len(train_set.classes), width=settings.width, seed=tc.seed)
             log.info("training %s (%s)", name, arch)
             train(model, train_set, test_set, run_dir, tc, progress=progress)
-            from .io import write_json
 
             write_json(marker, wanted)
         else:
@@ -90,8 +88,6 @@ def run_demo(out="demo-out", quick: bool = False, device: str = "cpu", data_dir:
 
 def _write_config(path: Path, config: StudyConfig) -> None:
     """Save the demo's study config as TOML, so `conceptevo run` can repeat or extend it."""
-    from .io import write_bytes
-
     def val(v):
         if isinstance(v, str):
             return json.dumps(v)

@@ -11,105 +11,25 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from . import distributed as ddp
-from .config import DataConfig, StudyConfig
-from .data import open_dataset, sample_pool
+from .config import StudyConfig
+from .embedding import NeuronEmbedding, embed_images, embed_neurons, fit_summary
 from .errors import ConceptEvoError, check_device, check_memory, suggest
 from .io import hash_json, load_npy, save_npy
-from .models import build_model, list_checkpoints, load_checkpoint, validate_checkpoints
+from .models import list_checkpoints, validate_checkpoints
 from .models.checkpoints import checkpoint_hash
+from .patches import compute_patches
+from .preflight import check_test_split, describe_classes, resolve_channels, sanity_check
+from .projection import fit_layout, holdout_fidelity, project
+from .report import make_figures
 from .stimuli import Stimuli, find_stimuli, top_responses
+from .study import (  # noqa: F401  (the study's inputs; importable from here as before)
+    build_for_dataset, holdout_split, load_model, model_defaults, open_study_dataset, open_study_images, study_pool,
+)
 from .workspace import Workspace, WorkspaceLock
 
 log = logging.getLogger(__name__)
-
-
-def _data_config(data: DataConfig | dict) -> DataConfig:
-    if isinstance(data, dict):
-        data = data.get("data", data)
-        data = DataConfig(**data)
-    return data
-
-
-def open_study_images(data: DataConfig | dict):
-    """The training images a study config names, all of them: stimulus indices are positions in this dataset.
-
-    With ``holdout`` it includes the held-out images too; use
-    :func:`open_study_dataset` for the training or test split.
-    """
-    data = _data_config(data)
-    return open_dataset(data.kind, data.path, split="train", **data.dataset_options())
-
-
-def holdout_split(targets, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(kept, held out) positions: a seeded ``fraction`` of every class held out (at least one image of a class of two or more)."""
-    targets = np.asarray(targets)
-    rng = np.random.default_rng([seed, 1])  # its own stream: the pool's sample (seed) must not follow the split
-    held = []
-    for c in np.unique(targets):
-        idx = np.flatnonzero(targets == c)
-        take = min(len(idx) - 1, max(1, int(round(fraction * len(idx))))) if len(idx) > 1 else 0
-        held.append(rng.choice(idx, size=take, replace=False))
-    held = np.sort(np.concatenate(held)).astype(np.int64)
-    kept = np.setdiff1d(np.arange(len(targets)), held).astype(np.int64)
-    return kept, held
-
-
-def open_study_dataset(data: DataConfig | dict, split: str = "train"):
-    """The dataset a study config names (``split`` 'train' or 'test').
-
-    With ``holdout`` both splits are subsets of the training images (a seeded,
-    class-stratified split); their items keep the image's index in
-    :func:`open_study_images`. The test split is numbered with the training
-    split's classes, so a class missing from one split cannot shift the others.
-    """
-    from .data import Subset
-
-    data = _data_config(data)
-    if data.holdout is not None:
-        if split not in ("train", "test"):
-            raise ConceptEvoError(f"unknown split {split!r}; use 'train' or 'test'")
-        full = open_study_images(data)
-        kept, held = holdout_split(full.targets, data.holdout, data.seed)
-        sub = Subset(full, kept if split == "train" else held)
-        sub.name = f"{full.name} {split} ({'held-out ' if split == 'test' else ''}{len(sub)} of {len(full)})"
-        return sub
-    if split == "train":
-        return open_study_images(data)
-    options = data.dataset_options()
-    if data.kind == "folder" and "classes" not in options and "class_to_idx" not in options:
-        options["classes"] = open_study_images(data).classes
-    return open_dataset(data.kind, data.path, split=split, **options)
-
-
-def study_pool(data: DataConfig):
-    """The stimulus image pool: a seeded, class-balanced subset of the training split (never of held-out images)."""
-    return sample_pool(open_study_dataset(data, "train"), data.pool, seed=data.seed)
-
-
-def model_defaults(dataset) -> dict:
-    """``in_channels`` and ``num_classes`` for a model of ``dataset``'s inputs and classes (model options override them)."""
-    return {"in_channels": int(dataset[0][0].shape[0]),
-            "num_classes": max(len(getattr(dataset, "classes", []) or []), int(np.max(dataset.targets)) + 1)}
-
-
-def load_model(arch: str, options: dict, checkpoint_path, dataset, trust: bool = False, prefix: str | None = None,
-               key: str | None = None, import_path=None) -> torch.nn.Module:
-    """Build ``arch`` for ``dataset``'s image channels and classes, and load a checkpoint into it.
-
-    ``prefix``, ``key``, ``import_path``: a model's ``loading`` settings (see
-    :class:`~conceptevo.config.ModelConfig`; the workspace records them as ``models[NAME]["load"]``).
-    """
-    model = build_for_dataset(arch, options, dataset, import_path=import_path)
-    load_checkpoint(checkpoint_path, model, trust=trust, prefix=prefix, key=key)
-    return model.eval()
-
-
-def build_for_dataset(arch: str, options: dict, dataset, import_path=None) -> torch.nn.Module:
-    """``arch`` built for ``dataset``'s image channels and classes (unless ``options`` set them), untrained."""
-    return build_model(arch, import_path=import_path, **{**model_defaults(dataset), **options})
 
 
 class _Timer:
@@ -138,8 +58,6 @@ def run_study(config: StudyConfig, progress: bool = True, trust: bool = False, a
     passes and rank 0 alone writes and runs the later stages; other ranks
     return None.
     """
-    from .preflight import resolve_channels
-
     check_device(config.stimuli.device)
     config = resolve_channels(config, trust)  # on every rank: each opens the data the same way
     ddp.init_from_env(config.stimuli.device)
@@ -155,8 +73,7 @@ def run_study(config: StudyConfig, progress: bool = True, trust: bool = False, a
         with WorkspaceLock(Path(config.out)):
             # opened under the lock: a process that held it until now may have just rewritten the manifest
             ws = Workspace(config.out, create=True)
-            ws._on_plan_sent = lambda: state.update(plan_sent=True)
-            return _run(ws, config, progress, trust, allow_chance)
+            return _run(ws, config, progress, trust, allow_chance, on_plan_sent=lambda: state.update(plan_sent=True))
     except BaseException:
         if ddp.active() and not state["plan_sent"]:
             ddp.broadcast_object(None)  # release the other ranks waiting for the plan
@@ -197,10 +114,7 @@ def _plan(ws: Workspace, config: StudyConfig, trust: bool = False):
             f"base checkpoint {base_tag!r} is not a checkpoint of {base_model}.{suggest(base_tag, base_tags)} "
             f"Checkpoints: {', '.join(base_tags)}"
         )
-    ws.manifest["models"] = models
-    ws.manifest["base"] = {"model": base_model, "tag": base_tag}
-    ws.manifest["data"] = {"fingerprint": data_key, "pool": len(pool), "num_images": num_images}
-    ws._flush()
+    ws.record_study(models, (base_model, base_tag), {"fingerprint": data_key, "pool": len(pool), "num_images": num_images})
     sp = config.stimuli
     params = {"k": sp.k, "layers": sp.layers}
     passes = []
@@ -234,8 +148,6 @@ def _stimuli_stage(ws: Workspace | None, config: StudyConfig, passes: list[dict]
 
 def _record_data(ws: Workspace, config: StudyConfig, pool) -> None:
     """Log the class mapping and the test split; record the preprocessing, classes and split in the manifest."""
-    from .preflight import check_test_split, describe_classes
-
     data = config.data
     log.info(describe_classes(pool, explicit=data.classes is not None))
     base = pool.base if hasattr(pool, "base") else pool
@@ -249,115 +161,149 @@ def _record_data(ws: Workspace, config: StudyConfig, pool) -> None:
                            "file": "data/heldout.npy", "key": hash_json(held.tolist())}
         log.info("test split: %d held-out images of %d (holdout %g, seed %d); the pool comes from the others",
                  len(held), len(base), data.holdout, data.seed)
-    ws.manifest["data"].update(info)
-    ws._flush()
+    ws.update_data(**info)
 
 
-def _run(ws: Workspace, config: StudyConfig, progress: bool, trust: bool, allow_chance: bool = False) -> Workspace:
-    from .preflight import sanity_check
-
-    pool, num_images, models, (base_model, base_tag), passes = _plan(ws, config, trust)
+def _run(ws: Workspace, config: StudyConfig, progress: bool, trust: bool, allow_chance: bool = False,
+         on_plan_sent=lambda: None) -> Workspace:
+    """Every stage on rank 0; ``on_plan_sent`` is called once the other ranks have the stimuli plan."""
+    pool, num_images, models, base, passes = _plan(ws, config, trust)
     _record_data(ws, config, pool)
     sanity_check(ws, config, pool, models, trust=trust, allow_chance=allow_chance)
-    sp = config.stimuli
-    # 1. stimuli of every checkpoint
+    # 1. stimuli of every checkpoint (every rank takes part)
     ddp.broadcast_object(passes)
-    ws._on_plan_sent()
+    on_plan_sent()
     _stimuli_stage(ws, config, passes, progress, trust, pool=pool)
     ddp.barrier()
     stim_keys = {(p["model"], p["tag"]): p["key"] for p in passes}
+    base_stim = ws.stimuli(*base, mmap=False)
+    # 2-4. the base checkpoint's neuron embedding, each pool image's responses, the image embedding
+    emb_key, neuron_emb = _neuron_embedding_stage(ws, config, base_stim, stim_keys[base], progress)
+    resp_key, responses = _responses_stage(ws, config, models, base, base_stim, pool, num_images, stim_keys[base],
+                                           progress, trust)
+    img_key = _image_embedding_stage(ws, config, base_stim, neuron_emb, responses, num_images, emb_key, resp_key)
+    # 5-6. every checkpoint in the unified space, and in its 2-D layout
+    proj_keys = _projection_stage(ws, config, models, stim_keys, img_key)
+    lay_key = _layout_stage(ws, config, models, neuron_emb, emb_key, proj_keys)
+    # 7. example patches of every neuron at every checkpoint (from the recorded argmax positions; no data pass)
+    with _Timer("example patches"):
+        compute_patches(ws, progress=progress, trust=trust)
+    # 8. the pictures: the space per checkpoint side by side (Fig 2), neuron groups (Fig 1), an evolution (Fig 3)
+    _figures_stage(ws, lay_key)
+    return ws
 
-    # 2. base neuron embedding
-    from .embedding import embed_images, embed_neurons, fit_summary
 
-    ep = config.embedding
-    base_stim = ws.stimuli(base_model, base_tag, mmap=False)
-    emb_key = hash_json([stim_keys[(base_model, base_tag)], dataclasses.asdict(ep)])
-    if not ws.is_done("embedding/neurons", emb_key):
+def _neuron_embedding_stage(ws: Workspace, config: StudyConfig, base_stim: Stimuli, stim_key: str,
+                            progress: bool) -> tuple[str, NeuronEmbedding]:
+    """The base checkpoint's neuron vectors, learned from its stimuli: (stage key, the vectors as saved)."""
+    params = dataclasses.asdict(config.embedding)
+    key = hash_json([stim_key, params])
+
+    def write():
         with _Timer("base neuron embedding"):
-            emb = embed_neurons(base_stim, **dataclasses.asdict(ep), progress=progress)  # every [embedding] key
+            emb = embed_neurons(base_stim, **params, progress=progress)  # every [embedding] key
         emb.save(ws.path / "embedding" / "neurons")
-        ws.finish("embedding/neurons", emb_key, dataclasses.asdict(ep), epochs_run=emb.epochs_run,
-                  stop_reason=emb.config["stop_reason"])
-    neuron_emb = ws.neuron_embedding()
+        return {"epochs_run": emb.epochs_run, "stop_reason": emb.config["stop_reason"]}
 
-    # 3. each pool image's most responsive base neurons (gives images outside the base stimuli a vector)
-    ip = config.images
-    resp_key = hash_json([stim_keys[(base_model, base_tag)], ip.top_responses])
-    resp_path = ws.path / "embedding" / "responses.npy"
-    if not ws.is_done("embedding/responses", resp_key):
+    ws.run_stage("embedding/neurons", key, write, params)
+    return key, ws.neuron_embedding()
+
+
+def _responses_stage(ws: Workspace, config: StudyConfig, models: dict, base: tuple[str, str], base_stim: Stimuli, pool,
+                     num_images: int, stim_key: str, progress: bool, trust: bool) -> tuple[str, np.ndarray]:
+    """Each pool image's most responsive base neurons (gives images outside the base stimuli a vector):
+    (stage key, ``[images, top]`` neuron rows)."""
+    sp, top = config.stimuli, config.images.top_responses
+    key = hash_json([stim_key, top])
+
+    def write():
+        base_model, base_tag = base
         row = next(r for r in models[base_model]["checkpoints"] if r["tag"] == base_tag)
         mc = next(m for m in config.models if m.name == base_model)
         model = load_model(mc.arch, mc.options, row["path"], pool, trust=trust, **mc.loading()).to(sp.device)
-        resp = top_responses(model, pool, base_stim, top=ip.top_responses, batch_size=sp.batch_size,
+        resp = top_responses(model, pool, base_stim, top=top, batch_size=sp.batch_size,
                              device=sp.device, progress=progress, num_images=num_images)
-        save_npy(resp_path, resp)
-        ws.finish("embedding/responses", resp_key, {"top_responses": ip.top_responses})
-    responses = load_npy(resp_path)
+        save_npy(_responses_path(ws), resp)
 
-    # 4. image embedding
-    img_key = hash_json([emb_key, resp_key])
-    if not ws.is_done("embedding/images", img_key):
+    ws.run_stage("embedding/responses", key, write, {"top_responses": top})
+    return key, load_npy(_responses_path(ws))
+
+
+def _responses_path(ws: Workspace) -> Path:
+    return ws.path / "embedding" / "responses.npy"
+
+
+def _image_embedding_stage(ws: Workspace, config: StudyConfig, base_stim: Stimuli, neuron_emb: NeuronEmbedding,
+                           responses: np.ndarray, num_images: int, emb_key: str, resp_key: str) -> str:
+    """Image vectors fitted to the base neuron vectors, with held-out fidelity when there are neurons to spare."""
+    seed = config.embedding.seed
+    key = hash_json([emb_key, resp_key])
+
+    def write():
         with _Timer("image embedding"):
-            img = embed_images(base_stim, neuron_emb, num_images=num_images, responses=responses, seed=ep.seed)
+            img = embed_images(base_stim, neuron_emb, num_images=num_images, responses=responses, seed=seed)
         img.save(ws.path / "embedding" / "images")
-        fit = {key: img.info[key] for key in ("relative_error", "num_neurons", "num_covered", "determined")}
+        fit = {k: img.info[k] for k in ("relative_error", "num_neurons", "num_covered", "determined")}
         if len(base_stim.neuron_ids) >= 10:  # faithfulness to base neurons the fit did not see (the error cannot say)
-            from .projection import holdout_fidelity
-
             quiet = logging.getLogger("conceptevo.embedding.images")   # the held-out fit's own lines would read
             level = quiet.level                                           # as a second image embedding
             quiet.setLevel(logging.WARNING)
             try:
-                hold = holdout_fidelity(base_stim, neuron_emb, fraction=0.2, seed=ep.seed, responses=responses)
+                hold = holdout_fidelity(base_stim, neuron_emb, fraction=0.2, seed=seed, responses=responses)
             finally:
                 quiet.setLevel(level)
             fit.update(holdout_relative=hold["relative_mean"], holdout_self_match=hold["self_match"])
-        ws.finish("embedding/images", img_key, {}, rmse=float(img.rmse), **fit)
+        return {"rmse": float(img.rmse), **fit}
+
+    if ws.run_stage("embedding/images", key, write, {}):
         log.info("image embedding: %s", fit_summary(ws.stage("embedding/images")))
+    return key
+
+
+def _checkpoints(config: StudyConfig, models: dict):
+    """(model, tag) of every checkpoint of the study, in the config's order."""
+    return [(m.name, row["tag"]) for m in config.models for row in models[m.name]["checkpoints"]]
+
+
+def _projection_stage(ws: Workspace, config: StudyConfig, models: dict, stim_keys: dict, img_key: str) -> list[str]:
+    """Every checkpoint's neurons projected into the unified space; returns the stages' keys."""
     image_emb = ws.image_embedding()
+    keys = []
+    for m, tag in _checkpoints(config, models):
+        key = hash_json([stim_keys[(m, tag)], img_key])
+        keys.append(key)
 
-    # 5. projection of every checkpoint
-    from .projection import project
+        def write(m=m, tag=tag):
+            save_npy(ws.projection_path(m, tag), project(ws.stimuli(m, tag, mmap=False), image_emb).vectors)
 
-    proj_keys = []
-    for m in config.models:
-        for row in models[m.name]["checkpoints"]:
-            name = f"projection/{m.name}/{row['tag']}"
-            key = hash_json([stim_keys[(m.name, row["tag"])], img_key])
-            proj_keys.append(key)
-            if ws.is_done(name, key):
-                continue
-            vecs = project(ws.stimuli(m.name, row["tag"], mmap=False), image_emb).vectors
-            save_npy(ws.projection_path(m.name, row["tag"]), vecs)
-            ws.finish(name, key)
+        ws.run_stage(f"projection/{m}/{tag}", key, write)
+    return keys
 
-    # 6. 2-D layout: UMAP fitted on the base embedding, transform for every checkpoint
+
+def _layout_stage(ws: Workspace, config: StudyConfig, models: dict, neuron_emb: NeuronEmbedding, emb_key: str,
+                  proj_keys: list[str]) -> str:
+    """The 2-D layout: UMAP (or PCA) fitted on the base embedding, transform for every checkpoint."""
     lp = config.layout
-    lay_key = hash_json([emb_key, proj_keys, dataclasses.asdict(lp)])
-    if not ws.is_done("layout", lay_key):
-        from .projection import fit_layout
+    key = hash_json([emb_key, proj_keys, dataclasses.asdict(lp)])
 
+    def write():
         with _Timer(f"{lp.method.upper()} fit on the base embedding"):
-            layout = fit_layout(neuron_emb.vectors, seed=lp.seed, n_neighbors=lp.n_neighbors, min_dist=lp.min_dist, method=lp.method)
+            layout = fit_layout(neuron_emb.vectors, seed=lp.seed, n_neighbors=lp.n_neighbors,
+                                min_dist=lp.min_dist, method=lp.method)
         save_npy(ws.path / "layout" / "base_learned.npy", layout.base_xy)
-        for m in config.models:
-            for row in models[m.name]["checkpoints"]:
-                save_npy(ws.layout_path(m.name, row["tag"]), layout.transform(ws.projection(m.name, row["tag"]).vectors))
-        ws.finish("layout", lay_key, dataclasses.asdict(lp))
+        for m, tag in _checkpoints(config, models):
+            save_npy(ws.layout_path(m, tag), layout.transform(ws.projection(m, tag).vectors))
 
-    # 7. example patches of every neuron at every checkpoint (from the recorded argmax positions; no data pass)
-    from .patches import compute_patches
+    ws.run_stage("layout", key, write, dataclasses.asdict(lp))
+    return key
 
-    with _Timer("example patches"):
-        compute_patches(ws, progress=progress, trust=trust)
 
-    # 8. the pictures: the space per checkpoint side by side (Fig 2), neuron groups (Fig 1), an evolution (Fig 3)
-    from .report import make_figures
+def _figures_stage(ws: Workspace, lay_key: str) -> None:
+    patch_keys = [ws.stage(n)["key"] for n in sorted(ws.manifest["stages"]) if n.startswith("patches/")]
 
-    fig_key = hash_json([lay_key, [ws.stage(n)["key"] for n in sorted(ws.manifest["stages"]) if n.startswith("patches/")]])
-    if not ws.is_done("figures", fig_key):
+    def write():
         with _Timer("figures"):
             paths = make_figures(ws)
-        ws.finish("figures", fig_key, files=[str(Path(p).relative_to(ws.path)) for p in paths])
-    return ws
+        return {"files": [str(Path(p).relative_to(ws.path)) for p in paths]}
+
+    ws.run_stage("figures", hash_json([lay_key, patch_keys]), write)

@@ -24,8 +24,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from .data import sample_pool
+from .data.loader import iter_batches
 from .errors import ChanceAccuracyError, ConceptEvoError, DatasetError
 from .io import hash_json
+from .models import build_model, list_checkpoints
+from .models.checkpoints import _read_state, extract_state_dict
+from .study import load_model, model_defaults, open_study_dataset, open_study_images
 
 log = logging.getLogger(__name__)
 
@@ -48,10 +53,6 @@ def first_layer_channels(arch: str, options: dict, checkpoint, dataset, trust: b
     """
     if "in_channels" in options:
         return int(options["in_channels"]), "in_channels in its options"
-    from .models import build_model
-    from .models.checkpoints import _read_state, extract_state_dict
-    from .pipeline import model_defaults
-
     try:
         net = build_model(arch, import_path=import_path, **{**model_defaults(dataset), **options})
     except Exception as e:  # the model's own load reports build errors properly, later
@@ -75,9 +76,6 @@ def first_layer_channels(arch: str, options: dict, checkpoint, dataset, trust: b
 
 def resolve_channels(config, trust: bool = False):
     """``config`` with the image channel count the models' first layers take (see the module docstring)."""
-    from .models import list_checkpoints
-    from .pipeline import open_study_images
-
     data = config.data
     folder_log = logging.getLogger("conceptevo.data.folder")
     level = folder_log.level
@@ -129,8 +127,6 @@ def sample_size(num_classes: int, pool_size: int) -> int:
 
 @torch.no_grad()
 def _hits(model: nn.Module, sample, device: str, batch_size: int, what: str) -> int:
-    from .data.loader import iter_batches
-
     hits = 0
     for images, labels, _ in iter_batches(sample, batch_size):
         try:
@@ -182,20 +178,16 @@ def sanity_check(ws, config, pool, models: dict, trust: bool = False, allow_chan
     model, reused while the checkpoint, the data and the sample are
     unchanged) and returned as ``{model: record}``.
     """
-    from .data import sample_pool
-    from .pipeline import load_model
-
     sp = config.stimuli
     ncls = len(np.unique(np.asarray(pool.targets)))
     sample = sample_pool(pool, sample_size(ncls, len(pool)), seed=config.data.seed)
     labels = np.asarray(sample.targets)
     chance = float(np.bincount(labels).max() / len(labels))
-    records = ws.manifest.setdefault("sanity", {})
     for m in config.models:
         row = models[m.name]["checkpoints"][-1]
         key = hash_json([sample.fingerprint(), row["sha256"], m.arch, m.options] + ([m.loading()] if m.loading() else []))
-        rec = records.get(m.name)
-        if not isinstance(rec, dict) or rec.get("key") != key:
+        rec = ws.sanity_record(m.name)
+        if rec is None or rec.get("key") != key:
             model = load_model(m.arch, m.options, row["path"], pool, trust=trust, **m.loading()).to(sp.device).eval()
             hits = _hits(model, sample, sp.device, sp.batch_size, f"model {m.name!r} ({row['tag']})")
             rec = {"key": key, "tag": row["tag"], "images": len(labels), "seed": config.data.seed, "top1": None}
@@ -203,8 +195,7 @@ def sanity_check(ws, config, pool, models: dict, trust: bool = False, allow_chan
                 log.warning("model %s: its output is not [batch, classes] logits; accuracy not checked", m.name)
             else:
                 rec.update(top1=hits / len(labels), correct=hits, chance=chance, p_value=chance_p_value(hits, len(labels), chance))
-            records[m.name] = rec
-            ws._flush()
+            ws.record_sanity(m.name, rec)
         if rec.get("top1") is None:
             continue
         log.info("sanity check: %s %s top-1 %.3f on %d pool images (chance %.3f; p = %.2g that chance does as well)",
@@ -218,14 +209,12 @@ def sanity_check(ws, config, pool, models: dict, trust: bool = False, allow_chan
             else:
                 raise ChanceAccuracyError(f"{msg}. If this is expected (e.g. an untrained model), "
                                           f"pass --allow-chance to run or set allow_chance = true in its [[models]] table")
-    return {m.name: records[m.name] for m in config.models}
+    return {m.name: ws.sanity_record(m.name) for m in config.models}
 
 
 # ------------------------------------------------------------------ test split and classes
 def check_test_split(config) -> dict | None:
     """The test split's size and source, or None after a warning saying what will not be possible."""
-    from .pipeline import open_study_dataset
-
     data = config.data
     try:
         test = open_study_dataset(data, "test")

@@ -25,8 +25,15 @@ from pathlib import Path
 import numpy as np
 from torch import nn
 
+from .data.base import Subset
+from .embedding import ImageEmbedding, NeuronEmbedding
 from .errors import ConceptEvoError, WorkspaceError
 from .io import hash_json, save_npy
+from .models.checkpoints import Checkpoint
+from .patches import compute_patches
+from .projection import fit_layout, project
+from .stimuli import Stimuli
+from .workspace import Workspace, WorkspaceLock
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +60,6 @@ def _stimuli_key(stim) -> str:
 
 def _checkpoint_rows(model: str, tags: list[str], given) -> list[dict]:
     """The manifest's checkpoint records of one model, in ``tags`` order, with what ``given`` says about each."""
-    from .models.checkpoints import Checkpoint
-
     known = {}
     for c in given or []:
         if not isinstance(c, Checkpoint):
@@ -76,9 +81,15 @@ def _checkpoint_rows(model: str, tags: list[str], given) -> list[dict]:
 
 def _image_source(dataset):
     """The dataset whose item ``i`` is the image stimuli call ``i``: a conceptevo pool reads from its full dataset."""
-    from .data.base import Subset
-
     return dataset.base if isinstance(dataset, Subset) else dataset
+
+
+def _saver(result, folder, **info):
+    """A stage's ``write`` for a result that is computed already: save it into ``folder``; record ``info``."""
+    def write():
+        result.save(folder)
+        return info
+    return write
 
 
 def _arch_name(net) -> str:
@@ -119,11 +130,6 @@ def workspace_from_results(path, stimuli, neuron_embedding, image_embedding, *, 
         Compute the example patches (needed by the figures of neuron groups
         and evolution, and by the explorer's pictures).
     """
-    from .embedding import ImageEmbedding, NeuronEmbedding
-    from .projection import fit_layout, project
-    from .stimuli import Stimuli
-    from .workspace import Workspace, WorkspaceLock
-
     if not isinstance(stimuli, Mapping) or not stimuli:
         raise ConceptEvoError("stimuli must be a dict {model: {tag: Stimuli}} with at least one model")
     for m, per in stimuli.items():
@@ -162,7 +168,7 @@ def workspace_from_results(path, stimuli, neuron_embedding, image_embedding, *, 
     path = Path(path)
     if (path / "manifest.json").exists():
         old = Workspace(path)
-        if old.manifest.get("data", {}).get("source") != SOURCE:
+        if old.data_info.get("source") != SOURCE:
             raise WorkspaceError(f"{path} holds a study made by `conceptevo run`; write the results into a new folder")
     elif path.exists() and (not path.is_dir() or any(path.iterdir())):
         raise WorkspaceError(f"{path} exists and is not an empty folder; give a new folder for the workspace")
@@ -171,44 +177,37 @@ def workspace_from_results(path, stimuli, neuron_embedding, image_embedding, *, 
         ws = Workspace(path, create=True)
         ws.set_config({})
         stim_keys = {(m, t): _stimuli_key(s) for m, per in stimuli.items() for t, s in per.items()}
-        ws.manifest["models"] = manifest_models
-        ws.manifest["base"] = {"model": base_model, "tag": base_tag}
-        ws.manifest["data"] = {"source": SOURCE, "fingerprint": _digest(image_embedding.covered),
-                               "pool": int(len(dataset)), "num_images": image_embedding.num_images}
-        ws._flush()
+        ws.record_study(manifest_models, (base_model, base_tag),
+                        {"source": SOURCE, "fingerprint": _digest(image_embedding.covered),
+                         "pool": int(len(dataset)), "num_images": image_embedding.num_images})
         for (m, t), key in stim_keys.items():
-            if not ws.is_done(f"stimuli/{m}/{t}", key):
-                stimuli[m][t].save(ws.stimuli_dir(m, t))
-                ws.finish(f"stimuli/{m}/{t}", key, {"k": stimuli[m][t].k}, neurons=len(stimuli[m][t]))
+            ws.run_stage(f"stimuli/{m}/{t}", key, _saver(stimuli[m][t], ws.stimuli_dir(m, t), neurons=len(stimuli[m][t])),
+                         {"k": stimuli[m][t].k})
 
         emb_key = _digest(neuron_embedding.neuron_ids, neuron_embedding.vectors)
-        if not ws.is_done("embedding/neurons", emb_key):
-            neuron_embedding.save(ws.path / "embedding" / "neurons")
-            ws.finish("embedding/neurons", emb_key, dict(neuron_embedding.config), epochs_run=neuron_embedding.epochs_run)
+        ws.run_stage("embedding/neurons", emb_key,
+                     _saver(neuron_embedding, ws.path / "embedding" / "neurons", epochs_run=neuron_embedding.epochs_run),
+                     dict(neuron_embedding.config))
         img_key = _digest(emb_key, image_embedding.vectors, image_embedding.covered)
-        if not ws.is_done("embedding/images", img_key):
-            image_embedding.save(ws.path / "embedding" / "images")
-            ws.finish("embedding/images", img_key, {}, rmse=float(image_embedding.rmse))
+        ws.run_stage("embedding/images", img_key,
+                     _saver(image_embedding, ws.path / "embedding" / "images", rmse=float(image_embedding.rmse)), {})
 
         proj_keys = []
         for (m, t), skey in stim_keys.items():
             key = hash_json([skey, img_key])
             proj_keys.append(key)
-            if not ws.is_done(f"projection/{m}/{t}", key):
-                save_npy(ws.projection_path(m, t), project(stimuli[m][t], image_embedding).vectors)
-                ws.finish(f"projection/{m}/{t}", key)
+            ws.run_stage(f"projection/{m}/{t}", key,
+                         lambda m=m, t=t: save_npy(ws.projection_path(m, t), project(stimuli[m][t], image_embedding).vectors))
 
-        lay_key = hash_json([emb_key, proj_keys, layout, seed])
-        if not ws.is_done("layout", lay_key):
+        def write_layout():
             fitted = fit_layout(neuron_embedding, seed=seed, method=layout)
             save_npy(ws.path / "layout" / "base_learned.npy", fitted.base_xy)
             for m, t in stim_keys:
                 save_npy(ws.layout_path(m, t), fitted.transform(ws.projection(m, t).vectors))
-            ws.finish("layout", lay_key, {"method": layout, "seed": seed})
+
+        ws.run_stage("layout", hash_json([emb_key, proj_keys, layout, seed]), write_layout, {"method": layout, "seed": seed})
 
         if patches:
-            from .patches import compute_patches
-
             compute_patches(ws, progress=progress, dataset=_image_source(dataset), networks=dict(models))
     return ws
 

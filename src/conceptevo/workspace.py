@@ -36,8 +36,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import ConceptEvoError, DamagedFileError, WorkspaceError
-from .io import load_npy, read_json, remove_orphan_temporaries, write_json
+from .errors import ConceptEvoError, DamagedFileError, WorkspaceError, suggest
+from .io import hash_json, load_npy, read_json, remove_orphan_temporaries, write_json
 from .records import check_name, checkpoint_problem, duplicate_tag, name_problem
 
 log = logging.getLogger(__name__)
@@ -87,6 +87,7 @@ class Workspace:
         ``models`` ({model: network}) are required. See
         :func:`conceptevo.results.workspace_from_results` for all of them.
         """
+        # upward on purpose: results builds on the workspace, this is a shortcut to it (see tests/test_imports.py)
         from .results import workspace_from_results
 
         return workspace_from_results(path, stimuli, neuron_embedding, image_embedding, **kwargs)
@@ -153,6 +154,18 @@ class Workspace:
         self.__dict__.setdefault("_changed", set()).add(name)
         self._flush()
 
+    def run_stage(self, name: str, key: str, write, params: dict | None = None) -> bool:
+        """Run stage ``name`` unless it finished with inputs ``key``; return whether it ran.
+
+        ``write()`` computes the stage and writes its files; what it returns (a dict or None) is added to the
+        stage's record, which :meth:`finish` writes once the files are durable.
+        """
+        if self.is_done(name, key):
+            return False
+        info = write()
+        self.finish(name, key, params, **(info or {}))
+        return True
+
     def invalidate(self, name: str) -> None:
         if self.manifest["stages"].pop(name, None) is not None:
             self.__dict__.setdefault("_changed", set()).add(name)
@@ -160,6 +173,35 @@ class Workspace:
 
     def set_config(self, config: dict) -> None:
         self.manifest["config"] = config
+        self._flush()
+
+    # -- the study's record (models, base, data, sanity checks) ---------------------------------------
+    def record_study(self, models: dict, base: tuple[str, str], data: dict) -> None:
+        """Record the study's models (``{name: {arch, options, checkpoints, load}}``), its base (model, tag)
+        and its data (fingerprint, pool size, ...), replacing what was recorded; the manifest is saved."""
+        self.manifest["models"] = models
+        self.manifest["base"] = {"model": base[0], "tag": base[1]}
+        self.manifest["data"] = data
+        self._flush()
+
+    def update_data(self, **info) -> None:
+        """Add ``info`` (classes, preprocessing, test split, ...) to the data record; the manifest is saved."""
+        self.manifest.setdefault("data", {}).update(info)
+        self._flush()
+
+    @property
+    def data_info(self) -> dict:
+        """The data record: fingerprint, pool size, ``num_images``, classes, preprocessing, held-out split."""
+        data = self.manifest.get("data")
+        return data if isinstance(data, dict) else {}
+
+    def sanity_record(self, model: str) -> dict | None:
+        """The recorded accuracy check of ``model``'s last checkpoint (see :func:`conceptevo.preflight.sanity_check`)."""
+        rec = (self.manifest.get("sanity") or {}).get(model)
+        return rec if isinstance(rec, dict) else None
+
+    def record_sanity(self, model: str, record: dict) -> None:
+        self.manifest.setdefault("sanity", {})[model] = record
         self._flush()
 
     @property
@@ -206,12 +248,45 @@ class Workspace:
     def models(self) -> list[str]:
         return list(self.manifest.get("models", {}))
 
-    def checkpoints(self, model: str):
-        from .models.checkpoints import Checkpoint
-
+    def model_info(self, model: str) -> dict:
+        """What the study recorded of ``model``: ``arch``, ``options``, ``checkpoints`` (rows) and ``load`` settings."""
         if model not in self.manifest.get("models", {}):
             raise WorkspaceError(f"model {model!r} is not in this study; models: {', '.join(self.models) or 'none'}")
-        return [Checkpoint.from_dict(d) for d in self.manifest["models"][model]["checkpoints"]]
+        return self.manifest["models"][model]
+
+    def checkpoints(self, model: str):
+        from .models.checkpoints import Checkpoint  # torch: keeps `import conceptevo.workspace` light
+
+        return [Checkpoint.from_dict(d) for d in self.model_info(model)["checkpoints"]]
+
+    def checkpoint(self, model: str, tag: str):
+        """The :class:`~conceptevo.models.checkpoints.Checkpoint` of ``model`` tagged ``tag``."""
+        cks = self.checkpoints(model)
+        for c in cks:
+            if c.tag == tag:
+                return c
+        tags = [c.tag for c in cks]
+        raise ConceptEvoError(f"{model} has no checkpoint {tag!r}.{suggest(tag, tags)} Checkpoints: {', '.join(tags)}")
+
+    def build_model(self, model: str, dataset=None):
+        """``model``'s network, untrained, built for ``dataset``'s channels and classes (default: the study's images)."""
+        from .study import build_for_dataset  # torch: keeps `import conceptevo.workspace` light
+
+        info = self.model_info(model)
+        dataset = self.images() if dataset is None else dataset
+        return build_for_dataset(info["arch"], info.get("options", {}), dataset, info.get("load", {}).get("import_path")).eval()
+
+    def load_model(self, model: str, tag: str, dataset=None, trust: bool = False):
+        """``model`` at checkpoint ``tag``, in eval mode, built for ``dataset`` (default: the study's images).
+
+        The checkpoint is read with the loading settings the study recorded (``prefix``, ``key``, ``import_path``).
+        """
+        from .study import load_model  # torch: keeps `import conceptevo.workspace` light
+
+        info = self.model_info(model)
+        ck = self.checkpoint(model, tag)
+        dataset = self.images() if dataset is None else dataset
+        return load_model(info["arch"], info.get("options", {}), ck.path, dataset, trust=trust, **info.get("load", {}))
 
     def tags(self, model: str) -> list[str]:
         return [c.tag for c in self.checkpoints(model)]
@@ -224,7 +299,7 @@ class Workspace:
         return b["model"], b["tag"]
 
     def stimuli(self, model: str, tag: str, mmap: bool = True):
-        from .stimuli import Stimuli
+        from .stimuli import Stimuli  # torch: keeps `import conceptevo.workspace` light
 
         self._require(f"stimuli/{model}/{tag}", f"stimuli for {model} {tag}")
         folder = self.stimuli_dir(model, tag)
@@ -232,7 +307,7 @@ class Workspace:
             return Stimuli.load(folder, mmap=mmap)
 
     def neuron_embedding(self):
-        from .embedding import NeuronEmbedding
+        from .embedding import NeuronEmbedding  # numba: keeps `import conceptevo.workspace` light
 
         self._require("embedding/neurons", "base neuron embedding")
         folder = self.path / "embedding" / "neurons"
@@ -240,7 +315,7 @@ class Workspace:
             return NeuronEmbedding.load(folder)
 
     def image_embedding(self):
-        from .embedding import ImageEmbedding
+        from .embedding import ImageEmbedding  # numba: keeps `import conceptevo.workspace` light
 
         self._require("embedding/images", "image embedding")
         folder = self.path / "embedding" / "images"
@@ -249,7 +324,7 @@ class Workspace:
 
     def projection(self, model: str, tag: str):
         """A checkpoint's neurons in the unified space (a NeuronEmbedding)."""
-        from .embedding import NeuronEmbedding
+        from .embedding import NeuronEmbedding  # numba: keeps `import conceptevo.workspace` light
 
         self._require(f"projection/{model}/{tag}", f"projection of {model} {tag}")
         with self._reading("projection", self.projection_path(model, tag).parent):
@@ -271,14 +346,12 @@ class Workspace:
         With a held-out test split the positions of this dataset are not image
         indices: to look an image up by its index (as stimuli record it), use :meth:`images`.
         """
-        from .pipeline import open_study_dataset
+        from .study import open_study_dataset  # torch: keeps `import conceptevo.workspace` light
 
         self._require_data()
         ds = open_study_dataset(self.config, split)
         held = self.manifest.get("data", {}).get("holdout")
         if held and split == "test":
-            from .io import hash_json
-
             if hash_json(np.asarray(ds.indices).tolist()) != held.get("key"):
                 raise WorkspaceError(
                     f"the held-out images of {self.path} differ from the ones recorded in data/heldout.npy "
@@ -287,7 +360,7 @@ class Workspace:
 
     def images(self):
         """Every training image, by image index (the positions stimuli, patches and embeddings refer to)."""
-        from .pipeline import open_study_images
+        from .study import open_study_images  # torch: keeps `import conceptevo.workspace` light
 
         self._require_data()
         return open_study_images(self.config)
@@ -314,7 +387,7 @@ class Workspace:
                              f"pool images (chance {rec.get('chance', float('nan')):.3f})")
         rec = self.stage("embedding/images")
         if rec and isinstance(rec.get("rmse"), (int, float)):
-            from .embedding.images import fit_summary
+            from .embedding.images import fit_summary  # numba: keeps `import conceptevo.workspace` light
 
             lines.append(f"  image embedding: {fit_summary(rec)}")
         lines.append(f"  stages finished: {len(self.manifest['stages'])}")

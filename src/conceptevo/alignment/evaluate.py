@@ -26,9 +26,12 @@ from pathlib import Path
 
 import numpy as np
 
-from ..data.base import display_image
+from ..config import DataConfig
+from ..data.base import Subset, display_image
 from ..errors import ConceptEvoError, WorkspaceError
-from ..io import write_bytes, write_json
+from ..io import save_figure, write_bytes, write_json
+from ..patches import PatchStore, to_uint8_image
+from ..study import study_pool
 from ..workspace import Workspace, WorkspaceLock
 from .cka import compare_checkpoints, layer_responses
 from .coherence import coherence_test, dataset_concepts, dominant_concepts
@@ -49,8 +52,6 @@ class _Pictures:
         self.ws, self.table = ws, table
         self.store = None
         if views in ("auto", "patches"):
-            from ..patches import PatchStore
-
             store = PatchStore(ws)
             have = all(store.has(m, t) for m, t in table.checkpoints())
             if have:
@@ -71,8 +72,6 @@ class _Pictures:
         return idx[idx >= 0]
 
     def _image_features(self, indices):
-        from ..patches import to_uint8_image
-
         missing = [int(i) for i in indices if int(i) not in self._image_feats]
         if missing:
             if self._dataset is None:
@@ -182,10 +181,7 @@ class _nolock:
         return False
 
 
-def _layer_views(ws, n_images: int, seed: int, device: str, trust: bool) -> list[dict]:
-    from ..data.base import Subset
-    from ..pipeline import load_model
-
+def _layer_views(ws: Workspace, n_images: int, seed: int, device: str, trust: bool) -> list[dict]:
     base_m, base_t = ws.base
     pairs = []
     tags = ws.tags(base_m)
@@ -199,9 +195,6 @@ def _layer_views(ws, n_images: int, seed: int, device: str, trust: bool) -> list
             pairs.append(((m, ws.tags(m)[-1]), (base_m, base_t)))
     if not pairs:
         raise ConceptEvoError("one checkpoint only: the layer-level comparison needs two checkpoints")
-    from ..config import DataConfig
-    from ..pipeline import study_pool
-
     full = ws.images()
     data = ws.config.get("data", {})
     try:
@@ -211,16 +204,14 @@ def _layer_views(ws, n_images: int, seed: int, device: str, trust: bool) -> list
         candidates = np.arange(len(full))
     rng = np.random.default_rng(seed)
     probe = Subset(full, np.sort(rng.choice(candidates, size=min(n_images, candidates.size), replace=False)))
-    models = ws.manifest.get("models", {})
     resp_cache, out = {}, []
 
     def responses(m, t):
         if (m, t) not in resp_cache:
-            ck = next(c for c in ws.checkpoints(m) if c.tag == t)
+            ck = ws.checkpoint(m, t)
             if not Path(ck.path).exists():
                 raise ConceptEvoError(f"checkpoint file {ck.path} is missing; CKA needs the checkpoints")
-            info = models[m]
-            model = load_model(info["arch"], info.get("options", {}), ck.path, full, trust=trust, **info.get("load", {})).to(device)
+            model = ws.load_model(m, t, full, trust=trust).to(device)
             layers = [i.name for i in ws.stimuli(m, t).layers]
             resp_cache[(m, t)] = layer_responses(model, probe, layers=layers, device=device)
         return resp_cache[(m, t)]
@@ -249,8 +240,6 @@ def _figures(results: dict, folder: Path) -> list[Path]:
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
-
-    from ..io import save_figure
 
     paths = []
     if results["intruder"]:

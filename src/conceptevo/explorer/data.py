@@ -25,7 +25,9 @@ from urllib.parse import quote
 import numpy as np
 
 from ..errors import ConceptEvoError
+from ..patches import PatchStore
 from ..report import analysis
+from ..workspace import Workspace
 
 log = logging.getLogger(__name__)
 
@@ -77,8 +79,6 @@ class ExplorerData:
     """
 
     def __init__(self, ws, kmeans: int = 8, seed: int = 0, public: bool = False):
-        from ..patches import PatchStore
-
         if isinstance(kmeans, bool) or not isinstance(kmeans, int) or not 1 <= kmeans <= 64:
             raise ConceptEvoError(f"kmeans (the number of groups) must be an integer in 1..64, got {kmeans!r}")
         self.signature = manifest_signature(ws.manifest_path)  # before reading: a change meanwhile is seen later
@@ -129,8 +129,6 @@ class ExplorerData:
 
     def reloaded(self) -> "ExplorerData":
         """The same view (groups, seed, public) of the workspace as it is on disk now."""
-        from ..workspace import Workspace
-
         return ExplorerData(Workspace(self.ws.path), kmeans=self.kmeans, seed=self.seed, public=self.public)
 
     def _once(self, key: tuple, load):

@@ -46,6 +46,8 @@ import numpy as np
 
 from ..errors import ConceptEvoError
 from ..io import write_bytes
+from ..patches import PatchStore
+from ..workspace import Workspace
 from .units import CheckpointUnits, StimulusLabels, UnitPictures, checkpoint_units, to_rgb
 
 log = logging.getLogger(__name__)
@@ -208,9 +210,6 @@ def export_tensorboard(ws, out, images: bool = True, combined: bool = True, seed
     TensorBoard export of conceptevo (replaced). Open it with
     ``tensorboard --logdir OUT`` (the Projector tab).
     """
-    from ..patches import PatchStore
-    from ..workspace import Workspace
-
     ProjectorConfig, text_format = _import_projector()
     ws = ws if isinstance(ws, Workspace) else Workspace(ws)
     out = Path(out)

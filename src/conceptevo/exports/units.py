@@ -23,6 +23,8 @@ from typing import Iterator
 import numpy as np
 
 from ..errors import ConceptEvoError
+from ..io import load_npy
+from ..patches import PatchStore, patches_dir, to_uint8_image
 
 log = logging.getLogger(__name__)
 
@@ -132,8 +134,6 @@ def class_summary(labels: np.ndarray, names: StimulusLabels, top: int = TOP_CLAS
 
 def checkpoint_units(ws, labels: StimulusLabels | None = None, store=None) -> Iterator[CheckpointUnits]:
     """Every checkpoint with stimuli, model by model in training order."""
-    from ..patches import PatchStore
-
     store = store if store is not None else PatchStore(ws)
     labels = labels if labels is not None else StimulusLabels(ws, store)
     layout_done = ws.stage("layout") is not None
@@ -169,8 +169,6 @@ class UnitPictures:
     """Each unit's top patch (``uint8 [P, P, C]``) and the images, or ``None`` where there are none."""
 
     def __init__(self, ws, store=None, labels: StimulusLabels | None = None):
-        from ..patches import PatchStore
-
         self.ws = ws
         self.store = store if store is not None else PatchStore(ws)
         self.labels = labels if labels is not None else StimulusLabels(ws, self.store)
@@ -202,9 +200,6 @@ class UnitPictures:
 
     def image(self, index: int) -> np.ndarray | None:
         """The image with dataset index ``index``: a stored stimulus image, else read from the study's dataset."""
-        from ..io import load_npy
-        from ..patches import patches_dir, to_uint8_image
-
         if self.store.has_images:
             if self._stored is None:
                 self._stored = np.asarray(self.store.image_indices)

@@ -29,6 +29,8 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ConceptEvoError
+from ..patches import PatchStore
+from ..workspace import Workspace
 from .units import StimulusLabels, UnitPictures, checkpoint_units
 
 log = logging.getLogger(__name__)
@@ -78,8 +80,6 @@ def _image(wandb, pic):
 
 def unit_tables(ws, wandb, images: bool = True) -> dict:
     """``{"units/MODEL/TAG": wandb.Table}`` for every checkpoint with stimuli."""
-    from ..patches import PatchStore
-
     store = PatchStore(ws)
     labels = StimulusLabels(ws, store)
     pictures = UnitPictures(ws, store, labels)
@@ -143,8 +143,6 @@ def export_wandb(ws, dir=None, project: str = "conceptevo", name: str | None = N
     into it and it is left open. ``images``: the top patch of each unit as a
     ``wandb.Image``; ``diagnostics``: the curves and the diagnostics table.
     """
-    from ..workspace import Workspace
-
     wandb = import_wandb()
     ws = ws if isinstance(ws, Workspace) else Workspace(ws)
     if not ws.models:

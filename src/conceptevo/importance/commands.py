@@ -18,25 +18,22 @@ from pathlib import Path
 import numpy as np
 
 from .. import distributed as ddp
+from ..data.base import display_image
 from ..errors import ConceptEvoError, DatasetError, check_device, suggest
-from ..io import hash_json
+from ..io import hash_json, save_figure
+from ..patches import to_uint8_image
 from ..workspace import Workspace
 from .milestones import parse_stages, stages_from_milestones
-from .reversion import combine_reversion, evaluate_reversion, plot_reversion_bars, write_reversion_csv, write_reversion_markdown
+from .reversion import (
+    combine_reversion, evaluate_reversion, plot_reversion_bars, write_reversion_csv, write_reversion_markdown,
+)
 from .scores import evolution_importance
 
 log = logging.getLogger(__name__)
 
 
 def _model(ws: Workspace, name: str, tag: str, dataset, device: str, trust: bool = False):
-    from ..pipeline import load_model
-
-    tags = ws.tags(name)
-    if tag not in tags:
-        raise ConceptEvoError(f"{name} has no checkpoint {tag!r}.{suggest(tag, tags)} Checkpoints: {', '.join(tags)}")
-    ck = next(c for c in ws.checkpoints(name) if c.tag == tag)
-    info = ws.manifest["models"][name]
-    return load_model(info["arch"], info.get("options", {}), ck.path, dataset, trust=trust, **info.get("load", {})).to(device)
+    return ws.load_model(name, tag, dataset, trust=trust).to(device)
 
 
 def _layers(ws: Workspace):
@@ -118,10 +115,6 @@ def plot_evolutions(ws: Workspace, model: str, tag_from: str, tag_to: str, imp, 
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from ..data.base import display_image
-    from ..io import save_figure
-    from ..patches import to_uint8_image
 
     ds = ws.images()  # by image index, as the stimuli record them
     s_from, s_to = ws.stimuli(model, tag_from), ws.stimuli(model, tag_to)

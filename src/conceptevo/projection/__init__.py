@@ -14,7 +14,7 @@ import types
 import numpy as np
 
 from ..embedding._util import stimuli_arrays
-from ..embedding.images import ImageEmbedding, stimulus_matrix
+from ..embedding.images import ImageEmbedding, embed_images, stimulus_matrix
 from ..embedding.neurons import NeuronEmbedding
 from ..embedding.pairs import check_indices
 from ..errors import ConceptEvoError
@@ -155,8 +155,6 @@ def holdout_fidelity(stimuli, base_embedding: NeuronEmbedding, fraction: float =
     mean share of a held-out neuron's stimulus images that had a vector, and
     ``projected``: the held-out neurons' projected NeuronEmbedding.
     """
-    from ..embedding.images import embed_images
-
     ids, indices, num_images = stimuli_arrays(stimuli)
     try:
         fraction = float(fraction)
