@@ -47,7 +47,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import ConceptEvoError, check_positive
+from ..errors import ConceptEvoError, NonFiniteActivationError, check_positive
+from ..hooks import eval_mode, model_device
 from ..io import write_json
 from .metrics import ALL, _jsonable, collapse, distance_moved, diversity_by_layer
 
@@ -96,12 +97,6 @@ class MonitorRecord:
 
     def to_dict(self) -> dict:
         return _jsonable(asdict(self))
-
-
-def _model_device(model: nn.Module):
-    for p in model.parameters():
-        return p.device
-    return torch.device("cpu")
 
 
 def _probe_indices(probe) -> np.ndarray:
@@ -241,15 +236,10 @@ class ConceptMonitor:
 
     # -- measuring --------------------------------------------------------------------------------
     def _measure(self, model, epoch, step, tag, metrics) -> MonitorRecord:
-        # Measuring switches the model to eval mode and back to the model's own mode, which would turn
-        # every submodule to that mode; keep each submodule's own (e.g. a BatchNorm frozen in eval mode
-        # while the rest trains, which Lightning respects) so training goes on as it was.
-        modes = [(m, m.training) for m in model.modules()]
-        try:
+        # Measured in eval mode; afterwards every submodule gets its own mode back (e.g. a BatchNorm
+        # frozen in eval mode while the rest trains, which Lightning respects) so training goes on as it was.
+        with eval_mode(model):
             return self._measure_now(model, epoch, step, tag, metrics)
-        finally:
-            for m, training in modes:
-                m.training = training
 
     def _measure_now(self, model, epoch, step, tag, metrics) -> MonitorRecord:
         from ..projection import project
@@ -257,7 +247,7 @@ class ConceptMonitor:
 
         t0 = time.perf_counter()
         i = len(self.records)
-        device = self.device if self.device is not None else _model_device(model)
+        device = self.device if self.device is not None else model_device(model)
         bad = [name for name, p in model.named_parameters() if not torch.isfinite(p).all()]
         stim = None
         if not bad:
@@ -265,10 +255,8 @@ class ConceptMonitor:
                 stim = find_stimuli(model, self.probe, k=self.k, layers=self.layers, batch_size=self.batch_size,
                                     device=device, progress=self.progress, num_images=self.num_images,
                                     desc="monitor stimuli")
-            except ConceptEvoError as e:
-                if "NaN or Inf" not in str(e):
-                    raise
-                bad = [str(e).split("'")[1]] if "'" in str(e) else ["activations"]
+            except NonFiniteActivationError as e:
+                bad = [e.layer]
         top1 = None
         if self.probe_accuracy and not bad:
             from ..models.train import accuracy
