@@ -3,7 +3,9 @@
 Every neuron, of the base checkpoint or any other, is placed at the mean of its
 stimulus images' vectors: ``v_n = mean_{x in X_n} v_x``. Projecting the base
 checkpoint itself and comparing with its learned vectors (:func:`fidelity`)
-measures how faithful the space is. :func:`fit_layout` gives all checkpoints one
+measures how faithful the space is. :class:`UnifiedSpace` is the whole space as
+one estimator (``fit`` on the base stimuli, ``transform`` any checkpoint's,
+``save``/``load``). :func:`fit_layout` gives all checkpoints one
 shared 2-D frame (UMAP fitted on the base embedding, ``transform`` for the rest).
 """
 from __future__ import annotations
@@ -13,12 +15,13 @@ import types
 
 import numpy as np
 
+from ..containers import ImageEmbedding, NeuronEmbedding
 from ..embedding._util import stimuli_arrays
-from ..embedding.images import ImageEmbedding, stimulus_matrix
-from ..embedding.neurons import NeuronEmbedding
+from ..embedding.images import stimulus_matrix
 from ..embedding.pairs import check_indices
 from ..errors import ConceptEvoError
 from .layout import Layout2D, fit_layout
+from .space import UnifiedSpace
 
 log = logging.getLogger(__name__)
 
@@ -204,4 +207,4 @@ def holdout_fidelity(stimuli, base_embedding: NeuronEmbedding, fraction: float =
     return result
 
 
-__all__ = ["project", "fidelity", "holdout_fidelity", "Layout2D", "fit_layout"]
+__all__ = ["UnifiedSpace", "project", "fidelity", "holdout_fidelity", "Layout2D", "fit_layout"]
