@@ -143,3 +143,26 @@ def test_one_distance_moved():
     ids = [f"l:{i}" for i in range(5)]
     mv = distance_moved(NeuronEmbedding(ids, a), NeuronEmbedding(ids, b))
     assert np.array_equal(mv.distances, row_distances(a.astype(np.float64), b.astype(np.float64)))
+
+
+def test_monitor_takes_the_fitted_space(case):
+    from conceptevo.diagnostics import ConceptMonitor
+
+    space = UnifiedSpace(**SMALL, top_responses=4).fit(case["base_stim"], model=case["base"], dataset=case["pool"],
+                                                       num_images=60)
+    mon = ConceptMonitor(case["pool"], space, k=2, layers=["0", "2"], probe_accuracy=False)
+    assert np.array_equal(mon.image_vectors, space.image_vectors_)
+    rec = mon.check(case["base"])
+    want = ConceptMonitor(case["pool"], space.image_embedding_, k=2, layers=["0", "2"], probe_accuracy=False).check(case["base"])
+    assert rec.diversity == want.diversity and rec.collapse == want.collapse
+    with pytest.raises(ConceptEvoError, match="not fitted"):
+        ConceptMonitor(case["pool"], UnifiedSpace(), k=2)
+
+
+def test_from_fitted_parts_is_the_same_space(case):
+    emb, resp, img = _by_functions(case)
+    space = UnifiedSpace.from_fitted(emb, img, resp)
+    assert np.array_equal(space.transform(case["other_stim"]).vectors, project(case["other_stim"], img).vectors,
+                          equal_nan=True)
+    with pytest.raises(ConceptEvoError, match="dim"):
+        UnifiedSpace.from_fitted(NeuronEmbedding(["a:0"], [[0.0]]), img)

@@ -115,8 +115,9 @@ class ConceptMonitor:
         are images of ``image_embedding`` that have a vector (a subset of the
         base workspace's image pool; :func:`monitor_from_workspace` picks one).
         At least ``MIN_PROBE_PER_K * k`` images.
-    image_embedding : ImageEmbedding or float array [num_images, dim]
-        The base space's image vectors (``Workspace(path).image_embedding()``).
+    image_embedding : UnifiedSpace, ImageEmbedding or float array [num_images, dim]
+        The base space (a fitted :class:`conceptevo.projection.UnifiedSpace`) or its
+        image vectors (``Workspace(path).image_embedding()``).
     k : int
         Stimuli per neuron (paper: 10).
     layers : optional
@@ -158,14 +159,20 @@ class ConceptMonitor:
         for name, v in (("collapse_share", collapse_share), ("collapse_rise", collapse_rise), ("jaccard", jaccard)):
             if not 0 < float(v) <= 1:
                 raise ConceptEvoError(f"{name} must be in (0, 1], got {v!r}")
-        from ..embedding.images import ImageEmbedding
+        from ..containers import ImageEmbedding
+        from ..projection.space import UnifiedSpace
         from .entropy import METHODS
 
         if method not in METHODS:
             raise ConceptEvoError(f"method must be one of {', '.join(map(repr, METHODS))}, got {method!r}")
+        if isinstance(image_embedding, UnifiedSpace):
+            image_embedding = image_embedding.image_embedding_ if hasattr(image_embedding, "image_embedding_") else None
+            if image_embedding is None:
+                raise ConceptEvoError("the UnifiedSpace given as image_embedding is not fitted; fit it or load a saved one")
         V = image_embedding.vectors if isinstance(image_embedding, ImageEmbedding) else np.asarray(image_embedding)
         if V.ndim != 2:
-            raise ConceptEvoError(f"image_embedding must be an ImageEmbedding or a [num_images, dim] array, got shape {V.shape}")
+            raise ConceptEvoError(f"image_embedding must be a fitted UnifiedSpace, an ImageEmbedding or a "
+                                  f"[num_images, dim] array, got shape {V.shape}")
         n = len(probe)
         if n < MIN_PROBE_PER_K * k:
             raise ConceptEvoError(

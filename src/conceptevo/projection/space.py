@@ -75,6 +75,21 @@ class UnifiedSpace:
         """The estimator a study config's ``[embedding]`` and ``[images]`` tables describe."""
         return cls(**dataclasses.asdict(embedding), top_responses=images.top_responses, progress=progress)
 
+    @classmethod
+    def from_fitted(cls, neuron_embedding: NeuronEmbedding, image_embedding: ImageEmbedding, responses=None,
+                    embedding: EmbeddingConfig = EmbeddingConfig(), images: ImagesConfig = ImagesConfig()) -> "UnifiedSpace":
+        """A fitted space from parts computed elsewhere (a workspace's stages), with the settings that made them."""
+        if not isinstance(neuron_embedding, NeuronEmbedding) or not isinstance(image_embedding, ImageEmbedding):
+            raise ConceptEvoError("from_fitted needs a NeuronEmbedding and an ImageEmbedding (embed_neurons, embed_images)")
+        if neuron_embedding.dim != image_embedding.dim:
+            raise ConceptEvoError(f"the neuron vectors have dim {neuron_embedding.dim} but the image vectors "
+                                  f"{image_embedding.dim}; give the image embedding fitted on these neuron vectors")
+        out = cls.from_config(embedding, images)
+        out.neuron_embedding_ = neuron_embedding
+        out.image_embedding_ = image_embedding
+        out.responses_ = None if responses is None else np.asarray(responses, dtype=np.int64)
+        return out
+
     # ------------------------------------------------------------------------------------------ params
     def get_params(self) -> dict:
         return {key: getattr(self, key) for key in (*_EMBEDDING_KEYS, "top_responses", "progress")}
