@@ -153,7 +153,7 @@ def find_stimuli(model: nn.Module, dataset, k: int = 10, layers=None, batch_size
     if merge not in ("auto", "layer", "batch"):
         raise ConceptEvoError(f"merge={merge!r} is not one of 'auto', 'layer', 'batch'")
     n = len(dataset)
-    positions = ddp.shard(np.arange(n))
+    my_images = ddp.shard(np.arange(n))
     if ddp.active():
         fp = dataset.fingerprint() if hasattr(dataset, "fingerprint") else type(dataset).__name__
         ddp.check_same("dataset", f"{n}|{fp}")
@@ -174,7 +174,7 @@ def find_stimuli(model: nn.Module, dataset, k: int = 10, layers=None, batch_size
     states: dict[str, _TopK] = {}
     infos: dict[str, LayerInfo] = {}
     max_seen = -1
-    bar = tqdm(total=len(positions), desc=desc, unit="img", disable=not progress or not ddp.is_main(), leave=False)
+    bar = tqdm(total=len(my_images), desc=desc, unit="img", disable=not progress or not ddp.is_main(), leave=False)
     try:
         with eval_mode(model):
             current: dict = {}
@@ -192,7 +192,7 @@ def find_stimuli(model: nn.Module, dataset, k: int = 10, layers=None, batch_size
                 return True
 
             with torch.inference_mode(), capture(model, names, merge_in_hook) as outs:
-                for images, _, idx in iter_batches(dataset, batch_size, positions=positions):
+                for images, _, idx in iter_batches(dataset, batch_size, positions=my_images):
                     idx_host = idx
                     ascending = bool(idx_host[0] > max_seen) and bool((idx_host[1:] > idx_host[:-1]).all())
                     max_seen_before = max_seen
@@ -245,7 +245,7 @@ def top_responses(model: nn.Module, dataset, stimuli: Stimuli, top: int = 10, ba
 
     Strengths are standardised per neuron with the pool mean and std recorded by
     :func:`find_stimuli`, so layers of different scale compete fairly. Returns
-    ``int64 [num_images, top]`` rows of neuron positions (rows of images not in
+    ``int64 [num_images, top]`` rows of neuron indices (rows of ``stimuli``; rows of images not in
     ``dataset`` are -1). Used to give every image a vector in the unified space.
     """
     if stimuli.mean is None:
