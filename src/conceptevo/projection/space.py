@@ -1,4 +1,5 @@
-"""The unified semantic space as one estimator: fit on the base checkpoint, transform any checkpoint.
+"""The unified semantic space: :func:`project` (METHOD §6, Eq 2) and :class:`UnifiedSpace`, the whole
+space as one estimator (fit on the base checkpoint, transform any checkpoint).
 
 :class:`UnifiedSpace` follows scikit-learn's and umap-learn's manner: every
 parameter is an ``__init__`` keyword stored as given and checked at ``fit``;
@@ -22,14 +23,68 @@ same settings give the same arrays.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from pathlib import Path
 
 import numpy as np
 
 from ..config import EmbeddingConfig, ImagesConfig
 from ..containers import ImageEmbedding, NeuronEmbedding
+from ..embedding import embed_images, embed_neurons
+from ..embedding._util import stimuli_arrays
+from ..embedding.images import stimulus_matrix
 from ..errors import ConceptEvoError
 from ..io import load_npy, read_json, save_npy, write_json
+
+log = logging.getLogger(__name__)
+
+def _few(values, n: int = 5) -> str:
+    values = [int(v) for v in values]
+    text = ", ".join(map(str, values[:n]))
+    return text + (f" (and {len(values) - n} more)" if len(values) > n else "")
+
+
+def project(stimuli, image_embedding) -> NeuronEmbedding:
+    """Vectors of ``stimuli``' neurons: the mean of their stimulus images' vectors (Eq 2).
+
+    Parameters
+    ----------
+    stimuli : Stimuli
+        Any checkpoint's stimuli over the same image pool as the base.
+    image_embedding : ImageEmbedding or float array [num_images, dim]
+        Image vectors from :func:`conceptevo.embedding.embed_images`.
+
+    Each image counts once per neuron; negative indices (padding) are skipped;
+    a neuron without any stimulus image gets a NaN vector (logged). Raises a
+    ConceptEvoError naming the images when a stimulus image is outside the
+    embedded pool or has no vector.
+    """
+    ids, indices, _ = stimuli_arrays(stimuli)
+    if isinstance(image_embedding, ImageEmbedding):
+        V = image_embedding.vectors
+    else:
+        V = np.asarray(image_embedding)
+        if V.ndim != 2:
+            raise ConceptEvoError(f"image_embedding must be an ImageEmbedding or a [num_images, dim] array, "
+                                  f"got shape {V.shape}")
+    A, images, rows = stimulus_matrix(indices)
+    outside = images[images >= V.shape[0]]
+    if outside.size:
+        raise ConceptEvoError(f"stimuli refer to image(s) {_few(outside)} but the image embedding holds only "
+                              f"{V.shape[0]} images; embed images over the same whole image pool")
+    used = np.asarray(V[images], dtype=np.float64)
+    blank = np.isnan(used).any(axis=1)
+    if blank.any():
+        raise ConceptEvoError(f"{int(blank.sum())} stimulus image(s) have no vector: {_few(images[blank])}; "
+                              "pass responses (top_responses over the whole pool) to embed_images so every "
+                              "image gets one")
+    out = np.full((len(ids), V.shape[1]), np.nan, dtype=np.float32)
+    out[rows] = A @ used
+    if rows.size < len(ids):
+        log.warning("%d of %d neurons have no stimulus image; their projected vectors are NaN",
+                    len(ids) - rows.size, len(ids))
+    return NeuronEmbedding(ids, out, config={"projected": True})
+
 
 _EMBEDDING_KEYS = tuple(f.name for f in dataclasses.fields(EmbeddingConfig))
 _FORMAT = 1
@@ -117,13 +172,11 @@ class UnifiedSpace:
         ``dataset`` to compute them here. With neither those images have no vector,
         and a checkpoint whose stimuli use them cannot be transformed.
         """
-        from ..embedding import embed_images, embed_neurons
-
         cfg = self.embedding_config()
         if responses is None and model is not None:
             if dataset is None:
                 raise ConceptEvoError("fit(model=...) needs dataset=, the image pool the stimuli were found on")
-            from ..stimuli import top_responses
+            from ..stimuli import top_responses  # torch is loaded only when responses are computed here
 
             responses = top_responses(model, dataset, base_stimuli, top=self.top_responses, batch_size=batch_size,
                                       device=device, progress=self.progress, num_images=num_images)
@@ -141,8 +194,6 @@ class UnifiedSpace:
 
     def transform(self, stimuli) -> NeuronEmbedding:
         """Vectors of any checkpoint's neurons (stimuli over the same image pool): the mean of their stimuli's vectors."""
-        from . import project
-
         self._check_fitted()
         return project(stimuli, self.image_embedding_)
 
@@ -186,4 +237,4 @@ class UnifiedSpace:
         return out
 
 
-__all__ = ["UnifiedSpace"]
+__all__ = ["UnifiedSpace", "project"]
