@@ -219,3 +219,27 @@ def test_strength_is_the_same_for_channels_first_and_channels_last_layouts():
     assert strength(linear) is linear
     lv, lp = strength_and_position(linear)
     assert torch.equal(lv, linear) and lv is not linear and not lp.any()
+
+
+def test_diagnosis_plots_leave_the_users_matplotlib_backend_alone(tmp_path):
+    # matplotlib.use("Agg") in library code switched a notebook's backend; Figure objects need no backend
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = f"""
+import matplotlib
+matplotlib.use("pdf")
+import matplotlib.pyplot as plt
+from conceptevo.diagnostics import Diagnosis, plot_diagnosis
+from conceptevo.diagnostics.metrics import CheckpointMetrics
+cs = [CheckpointMetrics("m", f"e{{i}}", float(i), {{"all": 1.0 + i}}, {{"all": 0.1 * i}}, {{"all": 0.5}}, {{"train_top1": 0.3 * i}})
+      for i in range(3)]
+files = plot_diagnosis(Diagnosis({{"m": cs}}), {str(tmp_path)!r})
+print(matplotlib.get_backend(), len(plt.get_fignums()), sorted(p.name for p in files))
+"""
+    src = Path(__file__).resolve().parents[1] / "src"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={"PYTHONPATH": str(src), "PATH": "/usr/bin:/bin", "MPLBACKEND": ""})
+    assert out.stdout.split() == ["pdf", "0", "['collapse.png',", "'diversity.png',", "'speed.png']"]
+    assert all((tmp_path / n).stat().st_size > 1000 for n in ("collapse.png", "diversity.png", "speed.png"))
