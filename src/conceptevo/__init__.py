@@ -15,7 +15,7 @@ _EXPORTS = {
     "Stimuli": ".stimuli", "find_stimuli": ".stimuli", "top_responses": ".stimuli",
     "NeuronEmbedding": ".embedding", "embed_neurons": ".embedding",
     "ImageEmbedding": ".embedding", "embed_images": ".embedding",
-    "project": ".projection", "fit_layout": ".projection",
+    "project": ".projection", "fit_layout": ".projection", "UnifiedSpace": ".projection",
     "Workspace": ".workspace",
     "make_figures": ".report", "explore": ".explorer", "export_site": ".explorer",
     "load_checkpoint": ".models", "build_model": ".models", "list_checkpoints": ".models",
@@ -33,7 +33,7 @@ if TYPE_CHECKING:  # what IDEs and type checkers see; at run time __getattr__ im
     from .importance import evolution_importance
     from .layers import resolve_layers
     from .models import build_model, list_checkpoints, load_checkpoint
-    from .projection import fit_layout, project
+    from .projection import UnifiedSpace, fit_layout, project
     from .report import make_figures
     from .stimuli import Stimuli, find_stimuli, top_responses
     from .workspace import Workspace

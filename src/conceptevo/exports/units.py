@@ -25,6 +25,7 @@ import numpy as np
 from ..errors import ConceptEvoError
 from ..io import load_npy
 from ..patches import PatchStore, patches_dir, to_uint8_image
+from ..units import layers_of, split_neuron_id
 
 log = logging.getLogger(__name__)
 
@@ -51,11 +52,11 @@ class CheckpointUnits:
 
     @property
     def layers(self) -> list[str]:
-        return [nid.rpartition(":")[0] for nid in self.ids]
+        return layers_of(self.ids)
 
     @property
     def channels(self) -> list[str]:
-        return [nid.rpartition(":")[2] for nid in self.ids]
+        return [str(split_neuron_id(nid)[1]) for nid in self.ids]
 
 
 class StimulusLabels:

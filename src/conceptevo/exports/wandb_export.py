@@ -158,7 +158,7 @@ def export_wandb(ws, dir=None, project: str = "conceptevo", name: str | None = N
         folder.mkdir(parents=True, exist_ok=True)
         base = ws.manifest.get("base") or {}
         config = {"workspace": ws.path.name, "base": base,
-                  "models": {m: {"arch": ws.manifest["models"][m].get("arch"), "checkpoints": ws.tags(m)} for m in ws.models}}
+                  "models": {m: {"arch": ws.model_info(m).get("arch"), "checkpoints": ws.tags(m)} for m in ws.models}}
         settings = wandb.Settings(mode="offline", silent=True, console="off", x_disable_stats=True, save_code=False,
                                   disable_git=True, x_save_requirements=False)
         run = wandb.init(project=project, name=name or ws.path.name, dir=str(folder), config=config,
