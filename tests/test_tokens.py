@@ -1,0 +1,192 @@
+"""Token-shaped units ([B, T, C], channels last) through stimuli, importance and reversion, against brute force.
+
+The model is tests/tokennet.py's TinyViT (a Conv stem cutting patch tokens, a class token, two
+blocks with an MLP ``Linear -> GELU -> Linear``). Its units are the GELU outputs and a Linear's:
+one value per token, so a unit's strength is its max over tokens and its position the token index.
+Every result is checked against a loop over single images and single units.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from conceptevo import find_stimuli
+from conceptevo.config import StimuliConfig, StudyConfig
+from conceptevo.errors import ConceptEvoError, LayerNotFoundError
+from conceptevo.hooks import capture
+from conceptevo.layers import channel_axes, channel_axis_of, layer_infos
+from conceptevo.stimuli import _strength, top_responses
+from conceptevo.alignment.cka import layer_responses
+from conceptevo.units import LayerInfo
+from tokennet import TinyViT
+
+pytestmark = pytest.mark.usefixtures("one_thread_module")
+
+LAYERS = ["blocks.0.mlp.act", "blocks.1.mlp.fc1", "blocks.1.mlp.act"]  # in module order, as results list them
+NUM_CLASSES = 6
+T, HIDDEN = 17, 12  # 1 class token + (16 / 4)^2 patches
+
+
+class Images(torch.utils.data.Dataset):
+    """36 random images; image 3 is bright and repeated at 20 and 31, so strengths tie across images."""
+
+    def __init__(self, n: int = 36, seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        self.images = torch.randn(n, 3, 16, 16, generator=g)  # float32, as batches come; models cast them
+        self.images[3] *= 3
+        self.images[20] = self.images[3]
+        self.images[31] = self.images[3]
+        self.targets = np.arange(n) % NUM_CLASSES
+        self.classes = [f"c{i}" for i in range(NUM_CLASSES)]
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return self.images[i], int(self.targets[i]), i
+
+
+def vit(seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return TinyViT(NUM_CLASSES).double().eval()
+
+
+def evolved(model: nn.Module, seed: int, scale: float = 0.3) -> nn.Module:
+    other = vit(0)
+    other.load_state_dict(model.state_dict())
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(scale * p.abs().mean() * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    return other
+
+
+def per_image_outputs(model, data, layers):
+    """layer -> [n, T, C]: each image through the model on its own."""
+    rows = {n: [] for n in layers}
+    with torch.no_grad():
+        for i in range(len(data)):
+            with capture(model, layers, lambda n, o: o.detach().clone()) as acts:
+                model(data[i][0].unsqueeze(0).to(next(model.parameters()).dtype))
+            for n in layers:
+                rows[n].append(acts[n][0])
+    return {n: torch.stack(v).numpy() for n, v in rows.items()}
+
+
+def brute_stimuli(acts: np.ndarray, k: int):
+    """Per unit: the k best images (ties to the lower index), their strengths and token positions, by loops."""
+    n, _, c = acts.shape
+    idx, val, pos = np.zeros((c, k), np.int64), np.zeros((c, k)), np.zeros((c, k), np.int64)
+    for u in range(c):
+        strengths = []
+        for i in range(n):
+            tokens = acts[i, :, u]
+            best = 0
+            for t in range(len(tokens)):
+                if tokens[t] > tokens[best]:
+                    best = t
+            strengths.append((-tokens[best], i, best))
+        strengths.sort()  # by strength descending, then by image index
+        for r, (v, i, t) in enumerate(strengths[:k]):
+            idx[u, r], val[u, r], pos[u, r] = i, -v, t
+    return idx, val, pos
+
+
+# ---------------------------------------------------------------- the channel-axis rule
+def test_channel_axis_rule():
+    conv1d, gelu, lin = nn.Conv1d(2, 3, 1), nn.GELU(), nn.Linear(2, 3)
+    assert channel_axis_of(nn.Conv2d(1, 2, 1), 4) == 1 and channel_axis_of(nn.BatchNorm1d(3), 3) == 1
+    assert channel_axis_of(conv1d, 3) == 1                      # [B, C, L]
+    assert channel_axis_of(lin, 3) == -1 and channel_axis_of(nn.LayerNorm(3), 3) == -1
+    assert channel_axis_of(nn.Embedding(5, 3), 3) == -1
+    assert channel_axis_of(gelu, 3) == -1 and channel_axis_of(gelu, 4) == 1  # by dims: tokens, maps
+    assert channel_axis_of(lin, 2) == 1 and channel_axis_of(gelu, 2, -1) == 1  # [B, C]: nothing to choose
+    assert channel_axis_of(gelu, 3, 1) == 1                     # explicit wins
+    axes = channel_axes(["a.act", "b.act", "b.fc"], {"*.act": 1, "b.act": -1})
+    assert axes == {"a.act": 1, "b.act": -1, "b.fc": None}      # exact name before globs
+    with pytest.raises(LayerNotFoundError, match="'c.\\*'"):
+        channel_axes(["a.act"], {"c.*": 1})
+    with pytest.raises(ConceptEvoError, match="1 \\(channels first"):
+        channel_axes(["a.act"], {"a.act": 2})
+
+
+def test_layer_infos_record_the_axis():
+    model = vit(1)
+    infos = layer_infos(model, LAYERS + ["stem"], torch.zeros(2, 3, 16, 16, dtype=torch.float64))
+    assert infos[0] == LayerInfo("blocks.0.mlp.act", HIDDEN, (T,), -1)
+    assert infos[1].channel_axis == -1 and infos[3] == LayerInfo("stem", 8, (4, 4), 1)
+    assert infos[0].to_json()["channel_axis"] == -1 and LayerInfo.from_json(infos[0].to_json()) == infos[0]
+    # an override turns the GELU output into 17 channels measured at 12 positions
+    (forced,) = layer_infos(model, ["blocks.0.mlp.act"], torch.zeros(1, 3, 16, 16, dtype=torch.float64),
+                            channel_axis={"blocks.*.act": 1})
+    assert forced == LayerInfo("blocks.0.mlp.act", T, (HIDDEN,), 1)
+
+
+def test_config_channel_axis():
+    from conceptevo.config import _build
+
+    sc = _build(StimuliConfig, {"k": 3, "channel_axis": {"blocks.*.mlp.act": -1}}, "[stimuli]")
+    sc.validate()
+    assert sc.channel_axis == {"blocks.*.mlp.act": -1}
+    with pytest.raises(ConceptEvoError, match="stimuli.channel_axis\\['x'\\] must be 1"):
+        StimuliConfig(channel_axis={"x": 0}).validate()
+    with pytest.raises(ConceptEvoError, match="channel_axis"):
+        _build(StimuliConfig, {"channel_axis": "last"}, "[stimuli]")
+    assert StudyConfig  # the study config carries it through [stimuli] (tests/test_tokens.py::test_mixed_study)
+
+
+# ---------------------------------------------------------------- stimuli
+@pytest.mark.parametrize("merge", ["layer", "batch"])
+def test_stimuli_equal_a_loop_over_images_and_units(merge):
+    data, model, k = Images(), vit(1), 5
+    acts = per_image_outputs(model, data, LAYERS)
+    stim = find_stimuli(model, data, k=k, layers=LAYERS, batch_size=1, merge=merge, progress=False)
+    assert [i.channel_axis for i in stim.layers] == [-1, -1, -1]
+    assert [i.spatial for i in stim.layers] == [(T,)] * 3
+    rows = 0
+    ties = 0
+    for info in stim.layers:
+        idx, val, pos = brute_stimuli(acts[info.name], k)
+        sl = slice(rows, rows + info.channels)
+        np.testing.assert_array_equal(stim.indices[sl], idx)
+        np.testing.assert_array_equal(stim.positions[sl], pos)
+        np.testing.assert_allclose(stim.values[sl], val, rtol=1e-6)
+        ties += int(sum(len({3, 20, 31} & set(r)) > 1 for r in idx))
+        rows += info.channels
+    assert ties > 0, "the repeated bright image should tie in some unit's top-k"
+    # larger batches merge the same sets (strengths equal up to rounding across batch sizes)
+    other = find_stimuli(model, data, k=k, layers=LAYERS, batch_size=7, merge=merge, progress=False)
+    np.testing.assert_array_equal(np.sort(other.indices, 1), np.sort(stim.indices, 1))
+    np.testing.assert_allclose(other.values, stim.values, rtol=1e-9)
+
+
+def test_fused_path_takes_tokens_as_maps(monkeypatch):
+    """On CUDA the per-batch merge reduces channel-last tokens with the fused kernel through the as_maps view."""
+    from conceptevo.stimuli import _fused
+
+    seen = []
+
+    def fake(maps):
+        seen.append(maps)
+        return maps.flatten(2).max(dim=2)
+
+    monkeypatch.setattr(_fused, "try_max_argmax", fake)
+    out = torch.randn(4, T, HIDDEN)
+    v, p = _strength(out, LayerInfo.from_output("x", (T, HIDDEN), -1))
+    assert seen and seen[0].shape == (4, HIDDEN, T, 1) and seen[0].data_ptr() == out.data_ptr()
+    rv, rp = out.max(dim=1)
+    assert torch.equal(v, rv) and torch.equal(p, rp)
+
+
+def test_responses_and_cka_reduce_over_tokens():
+    data, model = Images(), vit(1).float()  # layer_responses feeds float32 images
+    acts = per_image_outputs(model, data, LAYERS)
+    resp = layer_responses(model, data, layers=LAYERS, batch_size=9)
+    for n in LAYERS:
+        np.testing.assert_allclose(resp[n], acts[n].max(axis=1), rtol=1e-5, atol=1e-6)
+    stim = find_stimuli(model, data, k=3, layers=LAYERS, batch_size=9, progress=False)
+    top = top_responses(model, data, stim, top=4, batch_size=9, progress=False)
+    z = (np.concatenate([acts[n].max(axis=1) for n in LAYERS], axis=1) - stim.mean) / np.maximum(stim.std, 1e-6)
+    np.testing.assert_array_equal(np.sort(top, 1), np.sort(np.argsort(-z, axis=1)[:, :4], 1))
