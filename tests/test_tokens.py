@@ -15,7 +15,9 @@ from torch import nn
 from conceptevo import find_stimuli
 from conceptevo.config import StimuliConfig, StudyConfig
 from conceptevo.errors import ConceptEvoError, LayerNotFoundError
-from conceptevo.hooks import capture
+from conceptevo.hooks import capture, eval_mode
+from conceptevo.importance import evolution_importance
+from conceptevo.importance.reversion import reversion_counts, revert
 from conceptevo.layers import channel_axes, channel_axis_of, layer_infos
 from conceptevo.stimuli import _strength, top_responses
 from conceptevo.alignment.cka import layer_responses
@@ -190,3 +192,98 @@ def test_responses_and_cka_reduce_over_tokens():
     top = top_responses(model, data, stim, top=4, batch_size=9, progress=False)
     z = (np.concatenate([acts[n].max(axis=1) for n in LAYERS], axis=1) - stim.mean) / np.maximum(stim.std, 1e-6)
     np.testing.assert_array_equal(np.sort(top, 1), np.sort(np.argsort(-z, axis=1)[:, :4], 1))
+
+
+# ---------------------------------------------------------------- importance
+def brute_sensitivities(m_from, m_to, data, positions, class_index, layers):
+    """Per image, per layer its own gradient (through an added zero perturbation); per unit, Eq 5 summed over tokens."""
+    rows = []
+    for p in positions:
+        x = data[int(p)][0].unsqueeze(0).double()
+        row = []
+        for layer in layers:
+            held = {}
+
+            def add_delta(_m, _i, out):
+                held["z"] = out.detach().clone()
+                held["delta"] = torch.zeros_like(out, requires_grad=True)
+                return out + held["delta"]
+
+            h = dict(m_from.named_modules())[layer].register_forward_hook(add_delta)
+            try:
+                (g,) = torch.autograd.grad(m_from(x)[0, class_index], held["delta"])
+            finally:
+                h.remove()
+            with torch.no_grad(), capture(m_to, [layer], lambda n, o: o.detach().clone()) as acts:
+                m_to(x)
+            z_to = acts[layer]
+            for u in range(g.shape[-1]):
+                row.append(sum(float(g[0, t, u] * (z_to[0, t, u] - held["z"][0, t, u])) for t in range(g.shape[1])))
+        rows.append(row)
+    return np.array(rows)
+
+
+def test_importance_equals_brute_force():
+    data = Images()
+    m_from = vit(1)
+    m_to = evolved(m_from, 7)
+    imp = evolution_importance(m_from, m_to, data, class_index=2, layers=LAYERS, num_images=5, batch_size=2,
+                               progress=False)
+    assert imp.channels == [HIDDEN] * 3
+    ref = brute_sensitivities(m_from, m_to, data, imp.positions, 2, LAYERS)
+    np.testing.assert_allclose(imp.sensitivities, ref, rtol=1e-6, atol=1e-9 * np.abs(ref).max())
+    assert np.abs(ref).max() > 0
+
+
+# ---------------------------------------------------------------- reversion
+def reverted_by_hand(m_from, m_to, x, layer, units):
+    """model_to's logits with each of ``units``' whole token maps at ``layer`` taken from model_from, one at a time."""
+    with torch.no_grad(), capture(m_from, [layer], lambda n, o: o.detach().clone()) as src:
+        m_from(x)
+
+    def hook(_m, _i, out):
+        out = out.clone()
+        for u in units:
+            for t in range(out.shape[1]):
+                out[:, t, u] = src[layer][:, t, u]
+        return out
+
+    h = dict(m_to.named_modules())[layer].register_forward_hook(hook)
+    try:
+        with torch.no_grad():
+            return m_to(x)
+    finally:
+        h.remove()
+
+
+def test_revert_replaces_whole_token_maps():
+    data = Images()
+    m_from = vit(1)
+    m_to = evolved(m_from, 7, scale=1.0)
+    x = data.images[:8].double()
+    for layer in LAYERS:
+        for units in ([0], [3, 5, 11]):
+            with torch.no_grad(), revert(m_to, layer, units, m_from):
+                got = m_to(x)
+            torch.testing.assert_close(got, reverted_by_hand(m_from, m_to, x, layer, units), rtol=1e-12, atol=1e-12)
+        assert not torch.allclose(got, m_to(x).detach())
+
+
+def test_reversion_counts_equal_a_loop_over_units():
+    data = Images()
+    m_from = vit(1)
+    m_to = evolved(m_from, 7, scale=1.5)
+    pos = np.arange(0, 36, 2)
+    rng = np.random.default_rng(0)
+    masks = {n: np.vstack([np.eye(HIDDEN, dtype=bool)[[0, 4, 9]], rng.random(HIDDEN) < 0.5]) for n in LAYERS}
+    with eval_mode(m_from, m_to):
+        clean, rev, n = reversion_counts(m_from, m_to, data, pos, masks, batch_size=5)
+        _, rev_direct, _ = reversion_counts(m_from, m_to, data, pos, masks, batch_size=5, fork=False)
+    x, y = data.images[pos].double(), torch.as_tensor(data.targets[pos])
+    for li, layer in enumerate(LAYERS):
+        for v, row in enumerate(masks[layer]):
+            top = reverted_by_hand(m_from, m_to, x, layer, np.flatnonzero(row).tolist()).topk(5, dim=1).indices
+            expect = [int((top[:, 0] == y).sum()), int((top == y[:, None]).any(1).sum())]
+            assert rev[li, v].tolist() == expect and rev_direct[li, v].tolist() == expect, (layer, v)
+    assert n == len(pos)
+    assert (rev[:, :, 0] != clean[0]).any(), "some reversion should change the top-1 count, or the test shows nothing"
