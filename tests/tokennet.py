@@ -49,3 +49,21 @@ class TinyViT(nn.Module):
         for block in self.blocks:
             t = block(t)
         return self.head(self.norm(t)[:, 0])
+
+
+class TinyCNN(nn.Module):
+    """A small CNN whose activations are also named ``*.act`` (``conv1.act``: ``[B, C, H, W]``, channels first),
+    so one ``[stimuli] layers = ["*.act"]`` picks units of both models in a mixed study."""
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 3, width: int = 6):
+        super().__init__()
+        self.conv1 = nn.Sequential()
+        self.conv1.add_module("conv", nn.Conv2d(in_channels, width, 3, padding=1))
+        self.conv1.add_module("act", nn.ReLU())
+        self.conv2 = nn.Sequential()
+        self.conv2.add_module("conv", nn.Conv2d(width, 2 * width, 3, stride=2, padding=1))
+        self.conv2.add_module("act", nn.ReLU())
+        self.fc = nn.Linear(2 * width, num_classes)
+
+    def forward(self, x):
+        return self.fc(self.conv2(self.conv1(x)).mean(dim=(2, 3)))

@@ -23,6 +23,7 @@ whatever happens, and can tell which hooks never fired.
 from __future__ import annotations
 
 import fnmatch
+import logging
 from typing import Sequence
 
 import torch
@@ -32,6 +33,8 @@ from .errors import LayerNotFoundError, suggest
 from .hooks import capture, eval_mode
 from .errors import ConceptEvoError
 from .units import LayerInfo, check_channel_axis, neuron_id, neuron_ids_of, split_neuron_id
+
+log = logging.getLogger(__name__)
 
 DEFAULT_LAYER_TYPES: tuple[type, ...] = (nn.Conv2d,)
 
@@ -92,15 +95,16 @@ CHANNELS_LAST_TYPES: tuple[type, ...] = (nn.Linear, nn.LayerNorm, nn.Embedding)
 def channel_axes(layers: Sequence[str], channel_axis=None) -> dict[str, int | None]:
     """Each layer's explicit channel axis from ``channel_axis`` (None where not given; module docstring).
 
-    A table key that matches none of ``layers`` is an error (a typo would otherwise be silently ignored).
+    A table key that matches none of ``layers`` is logged, not an error: one study's table serves every
+    model, and a transformer's ``"blocks.*"`` matches nothing in a CNN studied beside it.
     """
     check_channel_axis(channel_axis)
     if channel_axis is None or isinstance(channel_axis, int):
         return {n: channel_axis for n in layers}
-    for key in channel_axis:
-        if not any(key == n or fnmatch.fnmatchcase(n, key) for n in layers):
-            raise LayerNotFoundError(f"channel_axis names {key!r}, which matches none of the studied layers "
-                                     f"({_preview(list(layers))}); fix the name or glob")
+    unmatched = [key for key in channel_axis if not any(key == n or fnmatch.fnmatchcase(n, key) for n in layers)]
+    if unmatched:
+        log.info("channel_axis %s matches none of the layers %s; ignored for this model",
+                 ", ".join(map(repr, unmatched)), _preview(list(layers)))
     out = {}
     for n in layers:
         if n in channel_axis:

@@ -610,7 +610,7 @@ def compute_patches(ws, models: Sequence[str] | None = None, cell: int | None = 
     pixels = load_npy(img_dir / "pixels.npy", mmap=True)
 
     # 3. per checkpoint: boxes, crops, sheets
-    written = []
+    written, token_noted = [], set()
     for m, t in tqdm(todo, desc="patches", disable=not progress, leave=False):
         name = f"patches/{m}/{t}"
         key = hash_json([FORMAT_VERSION, _stage_key(ws, f"stimuli/{m}/{t}"), rf_keys[m], cell])
@@ -624,6 +624,13 @@ def compute_patches(ws, models: Sequence[str] | None = None, cell: int | None = 
             if info.name not in rfs:
                 raise ConceptEvoError(f"no receptive field for layer {info.name!r} of {m}; recompute with force=True")
             rf = rfs[info.name]
+            if info.channel_axis != 1:  # token-shaped units ([B, T, C]): no 2-D map to cut a token's patch from
+                if (m, info.name) not in token_noted:
+                    token_noted.add((m, info.name))
+                    log.info("layer %r of %s holds token-shaped units: its example patches are whole stimulus images "
+                             "(patches of single tokens are not supported yet; token positions are in the stimuli)", info.name, m)
+                boxes[sl] = (0, 0, *rf.input_size)
+                continue
             if tuple(rf.spatial) != tuple(info.spatial):
                 raise ConceptEvoError(
                     f"layer {info.name!r} of {m} {t} has activation maps of {info.spatial} in the stimuli but "
