@@ -125,8 +125,13 @@ def test_layer_infos_record_the_axis():
     assert forced == LayerInfo("blocks.0.mlp.act", T, (HIDDEN,), 1)
 
 
-def test_config_channel_axis():
-    from conceptevo.config import _build
+def test_config_channel_axis(tmp_path):
+    from conceptevo.config import _build, load_config
+
+    (tmp_path / "study.toml").write_text(
+        '[study]\nout = "s"\n[data]\nkind = "synthetic"\n[[models]]\nname = "v"\narch = "vgg_like"\ncheckpoints = "c"\n'
+        '[stimuli]\nk = 3\nchannel_axis = {"blocks.*.mlp.act" = -1, "enc.relu" = 1}\n')
+    assert load_config(tmp_path / "study.toml").stimuli.channel_axis == {"blocks.*.mlp.act": -1, "enc.relu": 1}
 
     sc = _build(StimuliConfig, {"k": 3, "channel_axis": {"blocks.*.mlp.act": -1}}, "[stimuli]")
     sc.validate()
@@ -135,7 +140,6 @@ def test_config_channel_axis():
         StimuliConfig(channel_axis={"x": 0}).validate()
     with pytest.raises(ConceptEvoError, match="channel_axis"):
         _build(StimuliConfig, {"channel_axis": "last"}, "[stimuli]")
-    assert StudyConfig  # the study config carries it through [stimuli] (tests/test_tokens.py::test_mixed_study)
 
 
 # ---------------------------------------------------------------- stimuli

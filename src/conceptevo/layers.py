@@ -35,6 +35,7 @@ from .errors import ConceptEvoError
 from .units import LayerInfo, check_channel_axis, neuron_id, neuron_ids_of, split_neuron_id
 
 log = logging.getLogger(__name__)
+_noted: set = set()
 
 DEFAULT_LAYER_TYPES: tuple[type, ...] = (nn.Conv2d,)
 
@@ -102,7 +103,9 @@ def channel_axes(layers: Sequence[str], channel_axis=None) -> dict[str, int | No
     if channel_axis is None or isinstance(channel_axis, int):
         return {n: channel_axis for n in layers}
     unmatched = [key for key in channel_axis if not any(key == n or fnmatch.fnmatchcase(n, key) for n in layers)]
-    if unmatched:
+    note = (tuple(unmatched), tuple(layers))
+    if unmatched and note not in _noted:  # once, not once per batch of an importance pass
+        _noted.add(note)
         log.info("channel_axis %s matches none of the layers %s; ignored for this model",
                  ", ".join(map(repr, unmatched)), _preview(list(layers)))
     out = {}
