@@ -14,6 +14,7 @@ from pathlib import Path
 HERE = Path(__file__).parent
 SCRIPTS = [
     ("stimuli pass vs bare forward; memory vs pool size", ["bench_stimuli.py"]),
+    ("stimuli pass over token-shaped units (small ViT) vs bare forward", ["bench_tokens.py", "--threads", "1"]),
     ("neuron and image embedding", ["bench_embedding.py"]),
     ("fidelity of the space against epochs and schedule (planted concepts)", ["bench_fidelity.py", "--quick"]),
     ("importance and reversion", ["bench_importance.py", "--threads", "1"]),

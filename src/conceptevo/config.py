@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConceptEvoError, check_positive, suggest
+from .units import check_channel_axis
 from .records import check_name
 
 
@@ -98,8 +99,10 @@ class StimuliConfig:
     layers: list | None = None      # module paths or globs; None = every Conv2d
     batch_size: int = 256
     device: str = "cpu"
+    channel_axis: dict | int | None = None  # {"layer or glob" = 1 or -1}: where the channels sit, when the rule guesses wrong
 
     def validate(self):
+        check_channel_axis(self.channel_axis, "stimuli.channel_axis")
         check_positive("stimuli.k", self.k, integer=True)
         check_positive("stimuli.batch_size", self.batch_size, integer=True)
         if self.layers is not None and not all(isinstance(x, str) and x for x in self.layers):

@@ -116,7 +116,7 @@ def _plan(ws: Workspace, config: StudyConfig, trust: bool = False):
         )
     ws.record_study(models, (base_model, base_tag), {"fingerprint": data_key, "pool": len(pool), "num_images": num_images})
     sp = config.stimuli
-    params = {"k": sp.k, "layers": sp.layers}
+    params = {"k": sp.k, "layers": sp.layers} | ({"channel_axis": sp.channel_axis} if sp.channel_axis is not None else {})
     passes = []
     for m in config.models:
         which = {k: v for k, v in m.loading().items() if k != "import_path"}  # which weights of the file (prefix, key)
@@ -140,7 +140,8 @@ def _stimuli_stage(ws: Workspace | None, config: StudyConfig, passes: list[dict]
         with _Timer(f"stimuli {p['model']} {p['tag']}"):
             model = load_model(p["arch"], p["options"], p["path"], pool, trust=trust, **p.get("load", {})).to(sp.device)
             stim = find_stimuli(model, pool, k=sp.k, layers=sp.layers, batch_size=sp.batch_size, device=sp.device,
-                                progress=progress, num_images=num_images, desc=f"stimuli {p['model']} {p['tag']}")
+                                progress=progress, num_images=num_images, desc=f"stimuli {p['model']} {p['tag']}",
+                                channel_axis=sp.channel_axis)
         if ws is not None:
             stim.save(ws.stimuli_dir(p["model"], p["tag"]))
             ws.finish(f"stimuli/{p['model']}/{p['tag']}", p["key"], {"k": sp.k, "layers": sp.layers}, neurons=len(stim))

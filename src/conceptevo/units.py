@@ -161,6 +161,52 @@ def channels_first(out: torch.Tensor, channel_axis: int = 1) -> torch.Tensor:
     return out.movedim(-1, 1)
 
 
+def channel_shape(ndim: int, channels: int, channel_axis: int = 1) -> tuple[int, ...]:
+    """The shape that broadcasts a per-channel ``[C]`` vector (a mask, a scale) over an ``ndim``-D output.
+
+    ``(1, C, 1, 1)`` for a ``[B, C, H, W]`` map, ``(1, 1, C)`` for ``[B, T, C]`` tokens, ``(1, C)`` for ``[B, C]``.
+    """
+    if ndim <= 2 or channel_axis == 1:
+        return (1, channels) + (1,) * max(ndim - 2, 0)
+    return (1,) * (ndim - 1) + (channels,)
+
+
+def channel_masks(masks: torch.Tensor, ndim: int, channel_axis: int = 1) -> torch.Tensor:
+    """``[V, C]`` per-variant channel masks viewed to broadcast over one ``ndim``-D batch output each:
+    ``[V, C, 1, 1]`` for maps, ``[V, 1, C]`` for tokens, ``[V, C]`` for ``[B, C]``."""
+    return masks.reshape((masks.shape[0],) + channel_shape(ndim, masks.shape[1], channel_axis)[1:])
+
+
+def num_channels(out: torch.Tensor, channel_axis: int = 1) -> int:
+    """How many channels a batch's output has (its size along the channel axis)."""
+    return int(out.shape[1] if out.dim() <= 2 else out.shape[channel_axis])
+
+
+def sum_positions(out: torch.Tensor, channel_axis: int = 1) -> torch.Tensor:
+    """``[B, C]``: each channel's values summed over its positions (a ``[B, C]`` output as it is)."""
+    if out.dim() <= 2:
+        return out
+    return channels_first(out, channel_axis).flatten(2).sum(dim=2)
+
+
+def check_channel_axis(value, where: str = "channel_axis"):
+    """``value`` as given when it is None, 1, -1, or a table of layer name/glob -> 1 or -1; else a clear error."""
+    if value is None:
+        return None
+    ok = lambda v: not isinstance(v, bool) and v in (1, -1)  # noqa: E731
+    if isinstance(value, dict):
+        for key, v in value.items():
+            if not isinstance(key, str) or not key:
+                raise ConceptEvoError(f"{where} keys must be layer names or globs, got {key!r}")
+            if not ok(v):
+                raise ConceptEvoError(f"{where}[{key!r}] must be 1 (channels first, [B, C, ...]) or -1 "
+                                      f"(channels last, [B, ..., C]), got {v!r}")
+        return value
+    if not ok(value):
+        raise ConceptEvoError(f"{where} must be 1, -1 or a table of layer name/glob -> 1 or -1, got {value!r}")
+    return value
+
+
 def strength(out: torch.Tensor, channel_axis: int = 1, reduce: str = "max") -> torch.Tensor:
     """``[B, C]`` strengths of a batch's layer output: each channel's values over its positions reduced.
 
@@ -207,4 +253,5 @@ def position_of(maps: torch.Tensor, reduce: str = "max") -> torch.Tensor:
 
 
 __all__ = ["REDUCTIONS", "LayerInfo", "neuron_id", "split_neuron_id", "layer_of", "layers_of", "rows_by_layer",
-           "neuron_ids_of", "strength", "strength_and_position", "position_of", "channels_first"]
+           "neuron_ids_of", "strength", "strength_and_position", "position_of", "channels_first", "channel_shape", "channel_masks",
+           "num_channels", "sum_positions", "check_channel_axis"]

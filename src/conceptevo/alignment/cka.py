@@ -29,8 +29,8 @@ import torch
 from ..data.loader import iter_batches
 from ..errors import ConceptEvoError
 from ..hooks import capture, eval_mode
-from ..layers import resolve_layers
-from ..units import rows_by_layer, strength
+from ..layers import channel_axes, layer_info, resolve_layers
+from ..units import rows_by_layer
 
 
 def linear_cka(X, Y) -> float:
@@ -49,11 +49,15 @@ def linear_cka(X, Y) -> float:
 
 
 @torch.no_grad()
-def layer_responses(model, dataset, layers=None, positions=None, batch_size: int = 256, device="cpu") -> dict[str, np.ndarray]:
-    """Per layer, every neuron's strength (max over its activation map) on the images: ``[n, C]`` float64."""
+def layer_responses(model, dataset, layers=None, positions=None, batch_size: int = 256, device="cpu",
+                    channel_axis=None) -> dict[str, np.ndarray]:
+    """Per layer, every neuron's strength (max over its activation map or tokens) on the images: ``[n, C]`` float64.
+
+    ``channel_axis`` as for :func:`conceptevo.find_stimuli`."""
     names = resolve_layers(model, layers)
+    axes, modules = channel_axes(names, channel_axis), dict(model.named_modules())
     out: dict[str, list] = {n: [] for n in names}
-    reduce = lambda name, o: strength(o).double().cpu()  # noqa: E731
+    reduce = lambda name, o: layer_info(modules[name], name, o, axes[name]).strength(o).double().cpu()  # noqa: E731
     with eval_mode(model), capture(model, names, reduce) as got:
         for images, _, _ in iter_batches(dataset, batch_size, positions=positions):
             got.clear()

@@ -86,7 +86,8 @@ def importance_command(workspace, model: str, tag_from: str, tag_to: str, class_
     c = _class_index(ds, class_name)
     m_from = _model(ws, model, tag_from, ds, device)
     m_to = _model(ws, model, tag_to, ds, device)
-    imp = evolution_importance(m_from, m_to, ds, c, layers=_layers(ws), num_images=images, seed=seed, device=device, progress=progress)
+    imp = evolution_importance(m_from, m_to, ds, c, layers=_layers(ws), num_images=images, seed=seed, device=device, progress=progress,
+                               channel_axis=ws.config.get("stimuli", {}).get("channel_axis"))
     out = ws.path / "importance" / model / f"{tag_from}__{tag_to}" / f"class-{c}"
     png = out / "evolutions.png"
     name = _class_name(ds, c)
@@ -186,7 +187,8 @@ def evaluate_command(workspace, model: str, stages: str = "auto", classes="all",
             log.info("reversion %s %s -> %s, class %s", model, t, t2, _class_name(train, c))
             per_class.append(evaluate_reversion(m_from, m_to, train, test, c, layers=_layers(ws), num_images=images,
                                                 num_test_images=images, repeats=repeats, seed=seed, device=device,
-                                                stage=(t, t2), progress=progress))
+                                                stage=(t, t2), progress=progress,
+                                                channel_axis=ws.config.get("stimuli", {}).get("channel_axis")))
         res = combine_reversion(per_class)
         if ddp.is_main():
             res.save(ws.path / "evaluation" / model / f"{t}__{t2}.npz")

@@ -37,7 +37,8 @@ from ..data.loader import iter_batches
 from ..errors import ConceptEvoError, check_positive
 from ..io import atomic_path
 from ..hooks import capture, check_model_device, eval_mode, replace_outputs
-from ..units import neuron_id, split_neuron_id
+from ..layers import channel_axes, channel_axis_of
+from ..units import neuron_id, num_channels, split_neuron_id, sum_positions
 from ._common import (
     check_class,
     class_label,
@@ -211,13 +212,16 @@ def _tap(store: dict, name: str):
 
 
 def batch_sensitivities(model_from: nn.Module, model_to: nn.Module, layers: Sequence[str], x: torch.Tensor,
-                        class_index: int, first: bool = False) -> list[torch.Tensor]:
+                        class_index: int, first: bool = False, channel_axis=None) -> list[torch.Tensor]:
     """Eq 5 for one batch: per layer, the ``[B, channels]`` sensitivities.
 
     Both models must already be in eval mode. One forward and one
     ``autograd.grad`` through ``model_from``, one ``no_grad`` forward through
-    ``model_to``.
+    ``model_to``. A token-shaped layer's (``[B, T, C]``) products are summed over its tokens;
+    ``channel_axis`` as for :func:`conceptevo.find_stimuli`.
     """
+    axes = channel_axes(layers, channel_axis)
+    modules = dict(model_to.named_modules())
     taps: dict[str, torch.Tensor] = {}
     with torch.enable_grad(), replace_outputs(model_from, {n: _tap(taps, n) for n in layers}) as calls:
         logits = run_model(model_from, x, first)
@@ -238,10 +242,10 @@ def batch_sensitivities(model_from: nn.Module, model_to: nn.Module, layers: Sequ
         if tuple(z_to.shape) != tuple(z_from.shape):
             return tuple(z_to.shape)  # reported by check_shapes below
         g = grad_of[name]
+        axis = channel_axis_of(modules[name], z_to.dim(), axes[name])
         if g is None:  # the layer does not reach the logit: zero gradient, zero sensitivity
-            return torch.zeros(z_to.shape[:2], dtype=z_to.dtype, device=z_to.device)
-        prod = g * (z_to - z_from)
-        return prod.reshape(prod.shape[0], prod.shape[1], -1).sum(dim=2)
+            return torch.zeros((z_to.shape[0], num_channels(z_to, axis)), dtype=z_to.dtype, device=z_to.device)
+        return sum_positions(g * (z_to - z_from), axis)
 
     with torch.no_grad(), capture(model_to, layers, reduce) as sums:
         run_model(model_to, x, first)
@@ -255,7 +259,7 @@ def batch_sensitivities(model_from: nn.Module, model_to: nn.Module, layers: Sequ
 
 def evolution_importance(model_from: nn.Module, model_to: nn.Module, dataset, class_index: int, layers=None,
                          num_images: int | None = 128, seed: int = 0, batch_size: int = 64, device="cpu",
-                         images=None, progress: bool = True) -> EvolutionImportance:
+                         images=None, progress: bool = True, channel_axis=None) -> EvolutionImportance:
     """Importance of every neuron's evolution from ``model_from`` (epoch t) to ``model_to`` (t') for a class.
 
     Parameters
@@ -275,6 +279,9 @@ def evolution_importance(model_from: nn.Module, model_to: nn.Module, dataset, cl
         images of the class; None uses every image of the class.
     images:
         Explicit dataset positions to use instead of sampling.
+    channel_axis:
+        Where layers' channels sit when :mod:`conceptevo.layers`' rule guesses wrong (as for
+        :func:`conceptevo.find_stimuli`); a token-shaped unit's change is summed over its tokens.
 
     Returns an :class:`EvolutionImportance` whose ``neuron_ids`` are the
     ``"layer:channel"`` ids stimuli use. On CUDA, TF32 is turned off for the
@@ -321,7 +328,8 @@ def evolution_importance(model_from: nn.Module, model_to: nn.Module, dataset, cl
         with eval_mode(model_from, model_to), full_precision():
             for b, (x, _, idx) in enumerate(iter_batches(dataset, batch_size, positions=mine)):
                 x = x.to(device=dev, dtype=dtype, non_blocking=True)
-                parts = batch_sensitivities(model_from, model_to, names, x, class_index, first=(b == 0))
+                parts = batch_sensitivities(model_from, model_to, names, x, class_index, first=(b == 0),
+                                            channel_axis=channel_axis)
                 if b == 0:
                     channels = [int(p.shape[1]) for p in parts]
                 chunks.append(torch.cat(parts, dim=1).float().cpu())

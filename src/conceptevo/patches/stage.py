@@ -156,7 +156,7 @@ def _checkpoint_patches_stage(ws: Workspace, todo, fields: dict, field_keys: dic
 
     used = PatchStore(ws).image_indices
     pixels = load_npy(patches_dir(ws) / "images" / "pixels.npy", mmap=True)
-    written = []
+    written, token_noted = [], set()
     for m, t in tqdm(todo, desc="patches", disable=not progress, leave=False):
         name = f"patches/{m}/{t}"
         key = hash_json([FORMAT_VERSION, _stage_key(ws, f"stimuli/{m}/{t}"), field_keys[m], cell])
@@ -164,7 +164,7 @@ def _checkpoint_patches_stage(ws: Workspace, todo, fields: dict, field_keys: dic
             continue
         stim = ws.stimuli(m, t)
         N, k = stim.indices.shape
-        boxes = _boxes(stim, fields[m], m, t)
+        boxes = _boxes(stim, fields[m], m, t, token_noted)
         rows = np.searchsorted(used, np.asarray(stim.indices))
         rows = np.where((rows < len(used)) & (used[np.minimum(rows, len(used) - 1)] == np.asarray(stim.indices)), rows, -1)
         geom = SheetGeometry.plan(N, k, cell)
@@ -181,14 +181,24 @@ def _checkpoint_patches_stage(ws: Workspace, todo, fields: dict, field_keys: dic
     return written
 
 
-def _boxes(stim, rfs: dict[str, ReceptiveField], model: str, tag: str) -> np.ndarray:
-    """``[neurons, k, 4]`` input-pixel boxes (top, left, bottom, right) of each stimulus's argmax position."""
+def _boxes(stim, rfs: dict[str, ReceptiveField], model: str, tag: str, token_noted: set | None = None) -> np.ndarray:
+    """``[neurons, k, 4]`` input-pixel boxes (top, left, bottom, right) of each stimulus's argmax position.
+
+    Token-shaped units (``[B, T, C]``) have no 2-D map to cut a token's patch from: their boxes are the
+    whole image, noted once per model and layer in ``token_noted``."""
     N, k = stim.indices.shape
     boxes = np.zeros((N, k, 4), dtype=np.int32)
     for info, sl in zip(stim.layers, stim.layer_slices().values()):
         if info.name not in rfs:
             raise ConceptEvoError(f"no receptive field for layer {info.name!r} of {model}; recompute with force=True")
         rf = rfs[info.name]
+        if info.channel_axis != 1:
+            if token_noted is not None and (model, info.name) not in token_noted:
+                token_noted.add((model, info.name))
+                log.info("layer %r of %s holds token-shaped units: its example patches are whole stimulus images "
+                         "(patches of single tokens are not supported yet; token positions are in the stimuli)", info.name, model)
+            boxes[sl] = (0, 0, *rf.input_size)
+            continue
         if tuple(rf.spatial) != tuple(info.spatial):
             raise ConceptEvoError(
                 f"layer {info.name!r} of {model} {tag} has activation maps of {info.spatial} in the stimuli but "

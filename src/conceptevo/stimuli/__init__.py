@@ -23,7 +23,7 @@ from ..data.loader import iter_batches
 from ..containers import Stimuli
 from ..errors import ConceptEvoError, ModelInputError, NonFiniteActivationError, check_positive
 from ..hooks import capture, check_model_device, eval_mode
-from ..layers import resolve_layers
+from ..layers import channel_axes, layer_info, resolve_layers
 from ..units import LayerInfo, channels_first, neuron_ids_of, position_of, strength_and_position
 
 log = logging.getLogger(__name__)
@@ -32,11 +32,13 @@ log = logging.getLogger(__name__)
 def _strength(out: torch.Tensor, info: LayerInfo) -> tuple[torch.Tensor, torch.Tensor]:
     """Per image and channel: the strength (:func:`conceptevo.units.strength_and_position`) and its flat position.
 
-    ``[B, C]`` each, new tensors in every case. Conv maps reduced by max on CUDA go through the fused
-    Triton kernel when it is available (one read of each map at full bandwidth).
+    ``[B, C]`` each, new tensors in every case. Conv maps and ``[B, T, C]`` tokens reduced by max on CUDA
+    go through the fused Triton kernel when it is available (one read of each map at full bandwidth; tokens
+    through :func:`conceptevo.stimuli._fused.as_maps`, a view).
     """
-    if info.reduce == "max" and info.channel_axis == 1:
-        fused = _fused.try_max_argmax(out)
+    if info.reduce == "max" and out.dim() > 2:
+        maps = out if info.channel_axis == 1 else _fused.as_maps(out) if out.dim() == 3 else None
+        fused = _fused.try_max_argmax(maps) if maps is not None else None
         if fused is not None:
             return fused
     return strength_and_position(out, info.channel_axis, info.reduce)
@@ -125,7 +127,8 @@ class _TopK:
 
 def find_stimuli(model: nn.Module, dataset, k: int = 10, layers=None, batch_size: int = 256, device="cpu",
                  progress: bool = True, num_images: int | None = None, desc: str = "stimuli",
-                 amp: bool | str = False, channels_last: bool = False, merge: str = "auto") -> Stimuli:
+                 amp: bool | str = False, channels_last: bool = False, merge: str = "auto",
+                 channel_axis=None) -> Stimuli:
     """Top-k stimuli of every neuron of ``layers`` (default: every Conv2d) over ``dataset``.
 
     ``dataset`` is any torch Dataset returning ``(image, label)`` (index =
@@ -147,6 +150,11 @@ def find_stimuli(model: nn.Module, dataset, k: int = 10, layers=None, batch_size
     covers every layer (fewest kernel launches: fastest on a GPU, most of all
     for models with many layers).
     ``"auto"``: "layer" on a CPU, "batch" elsewhere.
+
+    ``channel_axis`` says where a layer's channels sit when the rule of :mod:`conceptevo.layers` guesses
+    wrong: 1 or -1 for every layer, or ``{"name or glob": 1 or -1}``. A token-shaped layer (``[B, T, C]``,
+    channels last) has one strength per image and unit, the max over tokens; its position is the token
+    index. The axis used is recorded in each layer's :class:`~conceptevo.units.LayerInfo`.
     """
     check_positive("k", k, integer=True)
     check_positive("batch_size", batch_size, integer=True)
@@ -171,6 +179,8 @@ def find_stimuli(model: nn.Module, dataset, k: int = 10, layers=None, batch_size
         model.to(memory_format=torch.channels_last)
     amp_dtype = None if not amp else (torch.float16 if amp in ("float16", "fp16", "half") else torch.bfloat16)
     names = resolve_layers(model, layers)
+    axes = channel_axes(names, channel_axis)
+    modules = dict(model.named_modules())
     states: dict[str, _TopK] = {}
     infos: dict[str, LayerInfo] = {}
     max_seen = -1
@@ -182,7 +192,7 @@ def find_stimuli(model: nn.Module, dataset, k: int = 10, layers=None, batch_size
             def merge_in_hook(name, out):
                 # reduced (and, per layer, merged) as the layer runs: at most one batch of its activations is alive
                 if name not in infos:
-                    infos[name] = LayerInfo.from_output(name, out.shape[1:])
+                    infos[name] = layer_info(modules[name], name, out, axes[name])
                 info = infos[name]
                 if per_batch:
                     return _strength(out, info)

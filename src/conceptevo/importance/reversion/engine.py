@@ -12,7 +12,8 @@ from tqdm.auto import tqdm
 from ... import distributed as ddp
 from ...data.loader import iter_batches
 from ...errors import ConceptEvoError, LayerNotFoundError
-from ...layers import capture
+from ...layers import capture, channel_axes, channel_axis_of
+from ...units import channel_masks, channels_first, num_channels
 from .._common import check_shapes, model_dtype, replace_outputs, require_once, run_model
 
 log = logging.getLogger(__name__)
@@ -32,7 +33,7 @@ def _channel_index(channels, num: int, device) -> torch.Tensor:
 
 
 @contextmanager
-def revert(model_to: nn.Module, layer: str, channels, replacement_source):
+def revert(model_to: nn.Module, layer: str, channels, replacement_source, channel_axis: int | None = None):
     """Within the ``with`` block, ``model_to``'s forward uses another model's maps for some channels.
 
     At ``layer`` the activation maps of ``channels`` (indices or a boolean
@@ -85,11 +86,12 @@ def revert(model_to: nn.Module, layer: str, channels, replacement_source):
                 f"replacement for layer {layer!r} has shape {list(z.shape)} but model_to's output there is {list(out.shape)}; "
                 "give model t's activation for the same batch"
             )
-        ch = _channel_index(channels, out.shape[1], out.device)
+        axis = channel_axis_of(modules[layer], out.dim(), channel_axis)  # a token unit's whole [T] map is replaced
+        ch = _channel_index(channels, num_channels(out, axis), out.device)
         if ch.numel() == 0:
             return out
         new = out.clone()
-        new[:, ch] = z[:, ch].to(device=out.device, dtype=out.dtype)
+        channels_first(new, axis)[:, ch] = channels_first(z, axis)[:, ch].to(device=out.device, dtype=out.dtype)
         return new
 
     handles = [model_to.register_forward_pre_hook(pre, with_kwargs=True), model_to.register_forward_hook(post)]
@@ -112,9 +114,9 @@ def _correct(logits: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor
 
 
 def _forked(out: torch.Tensor, src: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-    """``[V*B, ...]``: copy v of the batch has the channels of ``masks[v]`` taken from ``src``."""
-    shape = (masks.shape[0], 1, masks.shape[1]) + (1,) * (out.dim() - 2)
-    stacked = torch.where(masks.view(shape), src.unsqueeze(0).to(out.dtype), out.unsqueeze(0))
+    """``[V*B, ...]``: copy v of the batch has the channels of ``masks[v]`` (:func:`channel_masks`) taken from ``src``."""
+    masks = masks if masks.dim() == out.dim() else channel_masks(masks, out.dim())  # plain [V, C]: channels first
+    stacked = torch.where(masks.unsqueeze(1), src.unsqueeze(0).to(out.dtype), out.unsqueeze(0))
     return stacked.reshape((-1,) + tuple(out.shape[1:]))
 
 
@@ -123,9 +125,9 @@ def _refork(out: torch.Tensor, src: torch.Tensor, masks: torch.Tensor) -> torch.
     nv, b = masks.shape[0], src.shape[0]
     if out.shape[0] != nv * b:
         raise RuntimeError(f"expected {nv * b} rows at the layer, got {out.shape[0]}")
-    shape = (nv, 1, masks.shape[1]) + (1,) * (out.dim() - 2)
     copies = out.reshape((nv, b) + tuple(out.shape[1:]))
-    return torch.where(masks.view(shape), src.unsqueeze(0).to(out.dtype), copies).reshape(out.shape)
+    masks = masks if masks.dim() == out.dim() else channel_masks(masks, out.dim())
+    return torch.where(masks.unsqueeze(1), src.unsqueeze(0).to(out.dtype), copies).reshape(out.shape)
 
 
 @contextmanager
@@ -154,18 +156,19 @@ def _enclosing(layer: str) -> list[str]:
 def _replaced(out: torch.Tensor, src: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     if not bool(mask.any()):
         return out
-    shape = (1, mask.shape[0]) + (1,) * (out.dim() - 2)
-    return torch.where(mask.view(shape), src.to(out.dtype), out)
+    mask = mask if mask.dim() == out.dim() - 1 else channel_masks(mask[None], out.dim())[0]
+    return torch.where(mask.unsqueeze(0), src.to(out.dtype), out)
 
 
 def reversion_counts(model_from: nn.Module, model_to: nn.Module, dataset, positions, masks: dict[str, np.ndarray],
                      batch_size: int = 64, device="cpu", fork: bool = True, progress: bool = False,
-                     desc: str = "reversion", check_models: bool = True) -> tuple[np.ndarray, np.ndarray, int]:
+                     desc: str = "reversion", check_models: bool = True,
+                     channel_axis=None) -> tuple[np.ndarray, np.ndarray, int]:
     """Top-1/top-5 hits of ``model_to`` on ``positions`` of ``dataset``, clean and with each reversion.
 
     ``masks[layer]`` is a boolean ``[variants, channels]`` array: variant v
     reverts that layer's channels where the row is True. Both models must be
-    in eval mode. Returns ``(clean [2], reverted [layers, variants, 2], images)``
+    in eval mode (``channel_axis``: as for :func:`conceptevo.find_stimuli`). Returns ``(clean [2], reverted [layers, variants, 2], images)``
     with layers in ``masks``' order. ``fork=False`` forces one forward per
     variant (for checking).
 
@@ -211,11 +214,14 @@ def reversion_counts(model_from: nn.Module, model_to: nn.Module, dataset, positi
                 shapes_to.require_all()
             if b == 0:
                 check_shapes(acts_from, shapes_to, layers)
+                mods, axes = dict(model_to.named_modules()), channel_axes(layers, channel_axis)
                 for n in layers:
-                    if mask_t[n].shape[1] != acts_from[n].shape[1]:
+                    axis = channel_axis_of(mods[n], acts_from[n].dim(), axes[n])
+                    if mask_t[n].shape[1] != num_channels(acts_from[n], axis):
                         raise ConceptEvoError(
-                            f"masks for layer {n!r} have {mask_t[n].shape[1]} channels, the layer has {acts_from[n].shape[1]}"
+                            f"masks for layer {n!r} have {mask_t[n].shape[1]} channels, the layer has {num_channels(acts_from[n], axis)}"
                         )
+                    mask_t[n] = channel_masks(mask_t[n], acts_from[n].dim(), axis)
             for n in layers:
                 src, m = acts_from[n], mask_t[n]
                 if b == 0:

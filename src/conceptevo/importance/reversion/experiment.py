@@ -40,7 +40,8 @@ def _bin_masks(scores: np.ndarray, bins: int, rng: np.random.Generator) -> np.nd
 def evaluate_reversion(model_from: nn.Module, model_to: nn.Module, train_dataset, test_dataset, class_index: int,
                        layers=None, num_images: int | None = 128, repeats: int = 5, seed: int = 0, bins: int = 4,
                        batch_size: int = 64, device="cpu", num_test_images: int | None = 128,
-                       stage: tuple[str, str] | None = None, progress: bool = True) -> "ReversionResult":
+                       stage: tuple[str, str] | None = None, progress: bool = True,
+                       channel_axis=None) -> "ReversionResult":
     """Accuracy change on class ``class_index`` when each importance bin's evolutions are reverted.
 
     Per repeat r (seeded with ``(seed, r)``): sample ``num_images`` training
@@ -90,7 +91,7 @@ def evaluate_reversion(model_from: nn.Module, model_to: nn.Module, train_dataset
         rng = np.random.default_rng([seed, r])
         train_pos = sample_positions(train_pos_all, num_images, rng)
         imp = evolution_importance(model_from, model_to, train_dataset, class_index, layers=names, images=train_pos,
-                                   batch_size=batch_size, device=dev, progress=False)
+                                   batch_size=batch_size, device=dev, progress=False, channel_axis=channel_axis)
         slices = imp.layer_slices()
         masks = {n: _bin_masks(imp.scores[slices[n]], bins, rng) for n in names}
         evals = [(0, train_dataset, train_pos)]
@@ -99,7 +100,7 @@ def evaluate_reversion(model_from: nn.Module, model_to: nn.Module, train_dataset
         with eval_mode(model_from, model_to):
             for s, ds, pos in evals:
                 ok, rev, n = reversion_counts(model_from, model_to, ds, pos, masks, batch_size=batch_size, device=dev,
-                                              desc=f"revert {SPLITS[s]}", check_models=False)
+                                              desc=f"revert {SPLITS[s]}", check_models=False, channel_axis=channel_axis)
                 clean[0, r, s] = ok / n
                 changes[0, r, s] = np.moveaxis((rev - ok[None, None, :]) / n, -1, 0)
                 counts[0, r, s] = n
