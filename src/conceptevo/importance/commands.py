@@ -112,15 +112,13 @@ def _class_name(ds, c: int) -> str:
     return classes[c] if c < len(classes) else str(c)
 
 
-def plot_evolutions(ws: Workspace, model: str, tag_from: str, tag_to: str, imp, top: int, examples: int, path, class_name: str) -> Path:
-    """Fig 3's layout: for each top evolution, the neuron's stimuli at t, an arrow, its stimuli at t'."""
-    import matplotlib
+def plot_evolutions(ws: Workspace, model: str, tag_from: str, tag_to: str, imp, top: int, examples: int, path, class_name: str):
+    """Fig 3's layout: for each top evolution, the neuron's stimuli at t, an arrow, its stimuli at t'.
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    Returns the matplotlib ``Figure`` (no pyplot); writes it to ``path`` unless that is None.
+    """
     from ..data.base import display_image
-    from ..io import save_figure
+    from ..io import new_figure, save_figure
     from ..patches import to_uint8_image
 
     ds = ws.images()  # by image index, as the stimuli record them
@@ -129,7 +127,8 @@ def plot_evolutions(ws: Workspace, model: str, tag_from: str, tag_to: str, imp, 
     ranked = imp.top(top)
     mean = dict(zip(imp.neuron_ids, imp.mean_sensitivity))
     ncol = 2 * examples + 1
-    fig, axes = plt.subplots(len(ranked), ncol, figsize=(0.9 * ncol, 1.0 * len(ranked) + 0.6), squeeze=False)
+    fig = new_figure(figsize=(0.9 * ncol, 1.0 * len(ranked) + 0.6))
+    axes = fig.subplots(len(ranked), ncol, squeeze=False)
     for r, (nid, score) in enumerate(ranked):
         for side, stim in ((0, s_from), (1, s_to)):
             idx = np.asarray(stim.indices[row_of[nid]])[:examples]
@@ -148,9 +147,9 @@ def plot_evolutions(ws: Workspace, model: str, tag_from: str, tag_to: str, imp, 
         title += "\nequal scores ranked by mean sensitivity S (mean first-order change of the class logit)"
     fig.suptitle(title, fontsize=8)
     fig.tight_layout()
-    path = save_figure(fig, path, dpi=120)[0]
-    plt.close(fig)
-    return path
+    if path is not None:
+        save_figure(fig, path, dpi=120)
+    return fig
 
 
 def evaluate_command(workspace, model: str, stages: str = "auto", classes="all", repeats: int = 5, images: int = 128,

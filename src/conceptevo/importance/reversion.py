@@ -526,7 +526,8 @@ class ReversionResult:
         return write_reversion_markdown(path, [self])
 
     def plot_bars(self, path, split: str | None = None, metric: str | None = None) -> Path:
-        return plot_reversion_bars(path, [self], split=split, metric=metric)
+        plot_reversion_bars(path, [self], split=split, metric=metric)
+        return Path(path)
 
     def chance(self, metric: str = "top1") -> float | None:
         """The metric's chance level (k / classes for top-k), or None when the number of classes was not recorded."""
@@ -681,8 +682,10 @@ def write_reversion_markdown(path, results, class_names=None) -> Path:
     return path
 
 
-def plot_reversion_bars(path, results, split: str | None = None, metric: str | None = None) -> Path:
+def plot_reversion_bars(path, results, split: str | None = None, metric: str | None = None):
     """Fig-6-style bars: mean accuracy change per bin with std error bars, random as a dashed line.
+
+    Returns the matplotlib ``Figure`` (no pyplot); writes it to ``path`` unless that is None.
 
     One row of panels per result (stage); one panel per (split, metric), or
     only the ones named.
@@ -720,4 +723,6 @@ def plot_reversion_bars(path, results, split: str | None = None, metric: str | N
                 ax.set_ylabel("accuracy change", fontsize=8)
                 ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
-    return save_figure(fig, path)[0]
+    if path is not None:
+        save_figure(fig, path)
+    return fig
