@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import os
 import socket
 import subprocess
@@ -241,3 +242,37 @@ def test_the_inline_explorer_loads_in_a_frame_of_another_loopback_page(tmp_path_
         refusing.stop()
         notebook.shutdown()
         notebook.server_close()
+
+
+# ================================================================================ the example notebook
+def test_the_example_notebook_runs_and_shows_its_figures_and_the_explorer(tmp_path, monkeypatch):
+    """docs/example.ipynb executed by a real Jupyter kernel, as a reader would run it top to bottom."""
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    pytest.importorskip("ipykernel")
+    # the kernel imports this checkout's package, and writes its study into the test's folder
+    monkeypatch.setenv("PYTHONPATH", _env()["PYTHONPATH"])
+    monkeypatch.delenv("MPLBACKEND", raising=False)
+    nb = nbformat.read(ROOT / "docs" / "example.ipynb", as_version=4)
+    assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code"), "commit the notebook without outputs"
+    nbclient.NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    errors = [o for c in code for o in c.outputs if o.output_type == "error"]
+    assert not errors, errors
+    text = "".join(o.get("text", "") for c in code for o in c.outputs if o.output_type == "stream")
+    assert "e4 training accuracy" in text
+
+    def shown(cell, mime):
+        return [o["data"][mime] for o in cell.outputs if o.output_type == "execute_result" and mime in o.get("data", {})]
+
+    figures = [c for c in code if "plot_" in c.source and shown(c, "image/png")]
+    assert len(figures) == 2, "both figure cells show a PNG"
+    assert (tmp_path / "notebook-study" / "figures" / "evolution.png").exists()
+    assert (tmp_path / "notebook-study" / "manifest.json").exists()
+    [explorer] = [c for c in code if c.source.startswith("app = ce.explore(ws)")]
+    [html] = shown(explorer, "text/html")
+    url = re.search(r'<iframe src="(http://127\.0\.0\.1:\d+/)"', html).group(1)
+    [stopped] = shown(code[-1], "text/html")
+    assert "stopped" in stopped and url in stopped
+    with pytest.raises(OSError):
+        _get(url)   # the notebook stopped it

@@ -90,12 +90,13 @@ def new_figure(**kwargs):
 
     ``kwargs`` go to :class:`matplotlib.figure.Figure` (``figsize``, ``dpi``,
     ``layout``...). Such a figure saves with :func:`save_figure`, and a
-    notebook shows it inline when it is the value of a cell.
+    notebook shows it inline when it is the value of a cell (it has a ``_repr_png_``).
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
 
-    fig = Figure(**kwargs)
+    from .report.shown import ShownFigure
+
+    fig = ShownFigure(**kwargs)
     FigureCanvasAgg(fig)
     return fig
 

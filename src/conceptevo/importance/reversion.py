@@ -690,8 +690,7 @@ def plot_reversion_bars(path, results, split: str | None = None, metric: str | N
     One row of panels per result (stage); one panel per (split, metric), or
     only the ones named.
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    from ..io import new_figure
 
     results = _results(results)
     if not results:
@@ -699,8 +698,7 @@ def plot_reversion_bars(path, results, split: str | None = None, metric: str | N
     panels = [(s, m) for s in SPLITS for m in METRICS if (split in (None, s)) and (metric in (None, m))]
     if not panels:
         raise ConceptEvoError(f"nothing to plot for split={split!r}, metric={metric!r}; use {SPLITS} and {METRICS}")
-    fig = Figure(figsize=(3.2 * len(panels), 2.8 * len(results)), dpi=120)
-    FigureCanvasAgg(fig)
+    fig = new_figure(figsize=(3.2 * len(panels), 2.8 * len(results)), dpi=120)
     axes = fig.subplots(len(results), len(panels), squeeze=False)
     for i, res in enumerate(results):
         summ = res.summary()
