@@ -20,6 +20,7 @@ import subprocess
 import sys
 import sysconfig
 import tarfile
+import tomllib
 import venv
 import zipfile
 from pathlib import Path
@@ -36,9 +37,9 @@ SKIP = shutil.ignore_patterns(".git", ".venv", "dist", "build", "*.egg-info", "_
 def test_the_version_is_written_in_one_place_and_the_command_says_it(capsys):
     from conceptevo.cli import main
 
-    text = (ROOT / "pyproject.toml").read_text()
-    assert re.search(r'^dynamic = \["version"\]', text, re.M) and not re.search(r"^version\s*=", text, re.M)
-    assert 'version = {attr = "conceptevo.__version__"}' in text
+    meta = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert "version" not in meta["project"] and meta["project"]["dynamic"] == ["version"]
+    assert meta["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "conceptevo.__version__"}
     assert re.fullmatch(r"\d+\.\d+\.\d+", conceptevo.__version__)
     with pytest.raises(SystemExit) as e:
         main(["--version"])
