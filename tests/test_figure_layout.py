@@ -103,8 +103,10 @@ def _grid(fig):
 
 
 def test_space_grid_wraps_seven_checkpoints_into_rows_with_a_colour_key(seven, captured, tmp_path):
-    [png] = plot_space_grid(seven, tmp_path / "space.png", formats=("png",))
+    png = tmp_path / "space.png"
+    returned = plot_space_grid(seven, png, formats=("png",))
     [fig] = captured
+    assert fig is returned
     per_row, bars = _grid(fig)
     assert sum(per_row) == 7 and max(per_row) <= 4 and len(per_row) == 2
     with Image.open(png) as im:

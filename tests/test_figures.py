@@ -44,8 +44,9 @@ def test_make_figures_writes_png_and_pdf(ws, tmp_path):
 
 
 def test_evolution_of_a_chosen_neuron_and_errors(ws, tmp_path):
-    [png] = plot_neuron_evolution(ws, tmp_path / "e.png", neuron="features.3:1", model="vgg", formats=("png",))
-    assert png.exists()
+    fig = plot_neuron_evolution(ws, tmp_path / "e.png", neuron="features.3:1", model="vgg", formats=("png",))
+    assert (tmp_path / "e.png").exists() and not (tmp_path / "e.pdf").exists()
+    assert "features.3:1" in fig.get_suptitle()
     with pytest.raises(ConceptEvoError, match="features.3:1"):
         plot_neuron_evolution(ws, tmp_path / "e.png", neuron="features.3:99", model="vgg", formats=("png",))
     with pytest.raises(ConceptEvoError, match="malformed neuron id"):
@@ -65,8 +66,10 @@ def test_evolution_of_a_chosen_neuron_and_errors(ws, tmp_path):
 
 
 def test_space_grid_still_works(ws, tmp_path):
-    paths = plot_space_grid(ws, tmp_path / "space.png", formats=("png", "pdf"))
-    assert [p.suffix for p in paths] == [".png", ".pdf"]
+    fig = plot_space_grid(ws, tmp_path / "space.png", formats=("png", "pdf"))
+    assert (tmp_path / "space.png").read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "space.pdf").read_bytes()[:5] == b"%PDF-"
+    assert fig.get_suptitle() == "Unified semantic space, per checkpoint"
 
 
 def test_figures_need_patches_and_say_how(ws, tmp_path):

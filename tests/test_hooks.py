@@ -236,7 +236,7 @@ from conceptevo.diagnostics.metrics import CheckpointMetrics
 cs = [CheckpointMetrics("m", f"e{{i}}", float(i), {{"all": 1.0 + i}}, {{"all": 0.1 * i}}, {{"all": 0.5}}, {{"train_top1": 0.3 * i}})
       for i in range(3)]
 files = plot_diagnosis(Diagnosis({{"m": cs}}), {str(tmp_path)!r})
-print(matplotlib.get_backend(), len(plt.get_fignums()), sorted(p.name for p in files))
+print(matplotlib.get_backend(), len(plt.get_fignums()), sorted(name + ".png" for name in files))
 """
     src = Path(__file__).resolve().parents[1] / "src"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,

@@ -168,3 +168,29 @@ def test_merge_modes_agree_when_later_modules_work_in_place(tiny_data):
     np.testing.assert_array_equal(a.positions, b.positions)
     np.testing.assert_array_equal(a.mean, b.mean)
     assert (a.values[4:10] < 0).any(), "some Linear maxima are negative: an in-place ReLU would have changed them"
+
+
+def test_top_responses_has_a_row_for_every_image_even_one_no_neuron_chose():
+    """Without num_images, the stimuli count every image passed, not only up to the last one chosen as a stimulus."""
+    from conceptevo import top_responses
+
+    class Last(torch.utils.data.Dataset):   # the last images are all zero: never anyone's top stimulus
+        def __init__(self):
+            g = torch.Generator().manual_seed(0)
+            self.x = torch.rand(30, 1, 8, 8, generator=g) + 0.5
+            self.x[25:] = 0
+
+        def __len__(self):
+            return 30
+
+        def __getitem__(self, i):
+            return self.x[i], 0, i
+
+    model = nn.Sequential(nn.Conv2d(1, 3, 3), nn.ReLU()).eval()
+    with torch.no_grad():
+        model[0].weight.abs_()
+        model[0].bias.zero_()
+    stim = find_stimuli(model, Last(), k=4, progress=False)
+    assert stim.indices.max() < 25 and stim.num_images == 30
+    rows = top_responses(model, Last(), stim, top=2, progress=False)
+    assert rows.shape == (30, 2) and (rows >= 0).all()

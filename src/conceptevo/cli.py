@@ -161,6 +161,7 @@ TRUST = _option("--trust-checkpoint", action="store_true", help="allow checkpoin
 def build_parser() -> argparse.ArgumentParser:
     """Every ``conceptevo`` command: its options here, its work in the function it names."""
     p = argparse.ArgumentParser(prog="conceptevo", description="How the concepts a CNN detects evolve during training (ConceptEvo).")
+    p.add_argument("--version", action="version", version=f"conceptevo {__import__('conceptevo').__version__}")
     p.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
     p.add_argument("-q", "--quiet", action="store_true", help="warnings only")
     sub = p.add_subparsers(dest="command", required=True)

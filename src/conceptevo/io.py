@@ -85,6 +85,28 @@ def _create_temporary(path: Path, suffix: str) -> tuple[int, Path]:
 _REPRODUCIBLE = {"pdf": {"CreationDate": None}, "svg": {"Date": None}}
 
 
+def new_figure(**kwargs):
+    """A matplotlib ``Figure`` drawn by its own Agg canvas: no pyplot, so the global backend and figure list are untouched.
+
+    ``kwargs`` go to :class:`matplotlib.figure.Figure` (``figsize``, ``dpi``,
+    ``layout``...). Such a figure saves with :func:`save_figure`, and a
+    notebook shows it inline when it is the value of a cell (it has a ``_repr_png_``).
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from .figure import ShownFigure
+
+    fig = ShownFigure(**kwargs)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def figure_paths(path, formats=None) -> list[Path]:
+    """The files :func:`save_figure` writes for ``path`` and ``formats``."""
+    path = Path(path)
+    return [path] if formats is None else [path.with_suffix("." + f) for f in formats]
+
+
 def save_figure(fig, path, formats=None, dpi="figure", **savefig_kwargs) -> list[Path]:
     """Write a matplotlib figure atomically; the caller still closes it.
 
@@ -94,8 +116,7 @@ def save_figure(fig, path, formats=None, dpi="figure", **savefig_kwargs) -> list
     """
     import matplotlib
 
-    path = Path(path)
-    targets = [(path, "png")] if formats is None else [(path.with_suffix("." + f), f) for f in formats]
+    targets = list(zip(figure_paths(path, formats), formats or ("png",)))
     for target, fmt in targets:
         with atomic_path(target, suffix="." + fmt) as tmp:
             with matplotlib.rc_context({"svg.hashsalt": "conceptevo"}):

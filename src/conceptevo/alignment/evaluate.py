@@ -29,7 +29,7 @@ import numpy as np
 from ..config import DataConfig
 from ..data.base import Subset, display_image
 from ..errors import ConceptEvoError, WorkspaceError
-from ..io import save_figure, write_bytes, write_json
+from ..io import new_figure, save_figure, write_bytes, write_json
 from ..patches import PatchStore, to_uint8_image
 from ..study import study_pool
 from ..workspace import Workspace, WorkspaceLock
@@ -236,15 +236,12 @@ def _clean(obj):
 
 
 def _figures(results: dict, folder: Path) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
 
     paths = []
     if results["intruder"]:
         n = len(results["intruder"])
-        fig, axes = plt.subplots(1, n, figsize=(3.6 * n, 3.4), squeeze=False)
+        fig = new_figure(figsize=(3.6 * n, 3.4))
+        axes = fig.subplots(1, n, squeeze=False)
         for ax, r in zip(axes[0], results["intruder"]):
             ax.plot(r["roc"]["fpr"], r["roc"]["tpr"], label=f"K-means groups, AUC {r['auc']:.2f}")
             ax.plot(r["chance_roc"]["fpr"], r["chance_roc"]["tpr"], "--", label=f"random groups, AUC {r['chance_auc']:.2f}")
@@ -255,10 +252,10 @@ def _figures(results: dict, folder: Path) -> list[Path]:
             ax.legend(fontsize=7, loc="lower right")
         fig.tight_layout()
         paths += save_figure(fig, folder / "roc.png", dpi=120)
-        plt.close(fig)
     if results["layers"]:
         rows = results["layers"][:3]
-        fig, axes = plt.subplots(2, len(rows), figsize=(3.4 * len(rows), 6.2), squeeze=False)
+        fig = new_figure(figsize=(3.4 * len(rows), 6.2))
+        axes = fig.subplots(2, len(rows), squeeze=False)
         for j, comp in enumerate(rows):
             for i, key in enumerate(("cka", "space")):
                 ax = axes[i][j]
@@ -271,7 +268,6 @@ def _figures(results: dict, folder: Path) -> list[Path]:
                 fig.colorbar(im, ax=ax, fraction=0.046)
         fig.tight_layout()
         paths += save_figure(fig, folder / "layers.png", dpi=120)
-        plt.close(fig)
     return paths
 
 

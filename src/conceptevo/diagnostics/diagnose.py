@@ -121,7 +121,7 @@ def diagnose(workspace, method: str = "knn", jaccard: float = 0.5, min_others: i
             write_json(folder / "metrics.json", diag.to_dict())
             write_bytes(folder / "metrics.csv", _csv(diag).encode())
             diag.files = [str(folder / "metrics.json"), str(folder / "metrics.csv")]
-            diag.files += [str(p) for p in plot_diagnosis(diag, folder)]
+            diag.files += [str(folder / f"{name}.png") for name in plot_diagnosis(diag, folder)]
     return diag
 
 
@@ -152,18 +152,21 @@ def _num(x):
     return repr(x) if math.isfinite(x) else ""
 
 
-def plot_diagnosis(diag: Diagnosis, folder) -> list[Path]:
-    """diversity.png, speed.png, collapse.png: each metric per checkpoint (solid) with training accuracy (dotted)."""
-    from matplotlib.figure import Figure  # a Figure object, not pyplot: the user's backend stays as it is
+def plot_diagnosis(diag: Diagnosis, folder=None) -> dict:
+    """Figures ``diversity``, ``speed``, ``collapse``: each metric per checkpoint (solid) with training accuracy (dotted).
 
-    folder = Path(folder)
-    out = []
+    Returns ``{name: matplotlib Figure}`` (drawn without pyplot); with ``folder``,
+    also writes ``folder/NAME.png`` for each.
+    """
+    from ..io import new_figure
+
+    out = {}
     what = {"diversity": ("concept diversity (nats, mean over dims)", lambda c: c.diversity.get(ALL)),
             "speed": ("mean distance moved since previous checkpoint", lambda c: c.moved.get(ALL)),
             "collapse": ("share of collapsed neurons", lambda c: c.collapse.get(ALL))}
     for name, (label, get) in what.items():
-        fig = Figure(figsize=(6.4, 3.8))
-        ax = fig.add_subplot()
+        fig = new_figure(figsize=(6.4, 3.8))
+        ax = fig.subplots()
         ax2 = ax.twinx()
         for i, (m, cs) in enumerate(diag.checkpoints.items()):
             x = [c.epoch if c.epoch is not None else j for j, c in enumerate(cs)]
@@ -179,7 +182,9 @@ def plot_diagnosis(diag: Diagnosis, folder) -> list[Path]:
         ax.legend(fontsize=8, loc="best")
         ax.set_title(f"{name} per checkpoint, beside training accuracy", fontsize=10)
         fig.tight_layout()
-        out += save_figure(fig, folder / f"{name}.png", dpi=120)
+        if folder is not None:
+            save_figure(fig, Path(folder) / f"{name}.png", dpi=120)
+        out[name] = fig
     return out
 
 

@@ -7,26 +7,34 @@ safety rules.
 """
 from .data import ExplorerData
 from .export import export_site
-from .server import ExplorerServer, make_server, page_html, serve
+from .server import LOOPBACK_FRAMERS, ExplorerServer, make_server, page_html, serve
 
 
-def explore(ws, port: int = 8000, host: str = "127.0.0.1", background: bool = False, open_browser: bool = False,
-            kmeans: int = 8):
+def explore(ws, port: int | None = None, host: str = "127.0.0.1", background: bool | None = None,
+            open_browser: bool = False, kmeans: int = 8):
     """Serve the explorer for a workspace (a :class:`~conceptevo.Workspace` or its folder).
 
-    By default it serves until interrupted, as ``conceptevo explore`` does.
-    With ``background=True`` (e.g. in a notebook) it serves from a thread and
-    returns the server at once: open ``server.url``; ``server.shutdown()``
-    stops it. ``port=0`` picks a free port.
+    In the foreground (the default outside a notebook) it serves until
+    interrupted, as ``conceptevo explore`` does, on ``port`` 8000 unless told.
+    In the background (the default inside a Jupyter kernel, or
+    ``background=True``) it serves from a thread and returns the
+    :class:`ExplorerServer` at once, on a free port unless told: a notebook
+    cell whose value it is shows the explorer inline (an iframe on
+    ``server.url``, which pages served from this machine may frame);
+    ``server.stop()`` (or ``close()``, or leaving a ``with`` block) stops it
+    and frees the port. ``port=0`` picks a free port.
     """
     import threading
 
     from ..workspace import Workspace
 
     ws = ws if isinstance(ws, Workspace) else Workspace(ws)
+    if background is None:
+        background = _in_notebook()
     if not background:
-        return serve(ws, host=host, port=port, kmeans=kmeans, open_browser=open_browser)
-    server = make_server(ws, host=host, port=port, kmeans=kmeans)
+        return serve(ws, host=host, port=8000 if port is None else port, kmeans=kmeans, open_browser=open_browser)
+    server = make_server(ws, host=host, port=0 if port is None else port, kmeans=kmeans)
+    server.frame_ancestors = LOOPBACK_FRAMERS
     threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2}, daemon=True,
                      name="conceptevo-explorer").start()
     if open_browser:
@@ -34,6 +42,20 @@ def explore(ws, port: int = 8000, host: str = "127.0.0.1", background: bool = Fa
 
         webbrowser.open(server.url)
     return server
+
+
+def _in_notebook() -> bool:
+    """True inside a Jupyter kernel (IPython with a kernel), where serving in the foreground would hang the cell."""
+    import sys
+
+    ipython = sys.modules.get("IPython")
+    if ipython is None:
+        return False
+    try:
+        shell = ipython.get_ipython()
+    except AttributeError:
+        return False
+    return shell is not None and getattr(shell, "kernel", None) is not None
 
 
 __all__ = ["ExplorerData", "ExplorerServer", "make_server", "serve", "explore", "export_site", "page_html"]

@@ -58,6 +58,9 @@ FILE_TYPES = {".png": "image/png", ".pdf": "application/pdf", ".svg": "image/svg
 LOOPBACK = {"127.0.0.1", "localhost", "::1", "[::1]"}
 CSP = ("default-src 'none'; script-src 'self' 'unsafe-inline'; style-src 'unsafe-inline'; img-src 'self' data: blob:; "
        "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+#: Pages that may show the explorer in a frame when it is embedded (a notebook served on this machine, any port).
+#: CSP has no form for IPv6 literals, so a notebook opened at http://[::1]:PORT cannot frame it.
+LOOPBACK_FRAMERS = "'self' http://127.0.0.1:* http://localhost:* https://127.0.0.1:* https://localhost:*"
 
 
 def page_html() -> bytes:
@@ -112,6 +115,45 @@ class ExplorerServer(BoundedHTTPServer):
         host = address[0]
         self.open_host = host in ("", "0.0.0.0", "::")
         self.allowed_hosts.add(host)
+        self.frame_ancestors: str | None = None  # who may frame the page (CSP source list); None: nobody
+        self.closed = False
+
+    # -- in a notebook -----------------------------------------------------------------------------
+    def stop(self) -> None:
+        """Stop serving and free the port; calling it again does nothing."""
+        if self.closed:
+            return
+        self.shutdown()
+        self.server_close()
+        self.closed = True
+
+    close = stop
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+        return False
+
+    def __repr__(self) -> str:
+        return f"<conceptevo explorer for {self.root} at {self.url}{' (stopped)' if self.closed else ''}>"
+
+    def _repr_html_(self) -> str:
+        """A notebook shows the explorer inline: an iframe on the loopback URL (when framing is allowed) and a link."""
+        import html
+
+        url = html.escape(self.url, quote=True)
+        if self.closed:
+            return f"<p>conceptevo explorer at {url}: stopped</p>"
+        link = (f'<p><a href="{url}" target="_blank" rel="noopener">{url}</a> (the explorer of '
+                f"{html.escape(str(self.root))}; <code>.stop()</code> stops it)</p>")
+        if self.frame_ancestors is None:
+            return link
+        return (f'<iframe src="{url}" title="ConceptEvo explorer" width="100%" height="{int(self.frame_height)}" '
+                f'style="border: 1px solid #ccc"></iframe>' + link)
+
+    frame_height = 720
 
     @property
     def data(self) -> ExplorerData:
@@ -189,8 +231,12 @@ class ExplorerHandler(OneRequestHandler):
         for k, v in extra:
             self.send_header(k, v)
         if ctype.startswith("text/html"):
-            self.send_header("Content-Security-Policy", CSP)
-            self.send_header("X-Frame-Options", "DENY")
+            framers = self.server.frame_ancestors
+            if framers is None:
+                self.send_header("Content-Security-Policy", CSP)
+                self.send_header("X-Frame-Options", "DENY")
+            else:
+                self.send_header("Content-Security-Policy", CSP.replace("frame-ancestors 'none'", f"frame-ancestors {framers}"))
         if self.close_connection:
             self.send_header("Connection", "close")
         self.end_headers()

@@ -20,7 +20,7 @@ import numpy as np
 from .. import distributed as ddp
 from ..data.base import display_image
 from ..errors import ConceptEvoError, DatasetError, check_device, suggest
-from ..io import hash_json, save_figure
+from ..io import hash_json, new_figure, save_figure
 from ..patches import to_uint8_image
 from ..workspace import Workspace
 from .milestones import parse_stages, stages_from_milestones
@@ -110,20 +110,19 @@ def _class_name(ds, c: int) -> str:
     return classes[c] if c < len(classes) else str(c)
 
 
-def plot_evolutions(ws: Workspace, model: str, tag_from: str, tag_to: str, imp, top: int, examples: int, path, class_name: str) -> Path:
-    """Fig 3's layout: for each top evolution, the neuron's stimuli at t, an arrow, its stimuli at t'."""
-    import matplotlib
+def plot_evolutions(ws: Workspace, model: str, tag_from: str, tag_to: str, imp, top: int, examples: int, path, class_name: str):
+    """Fig 3's layout: for each top evolution, the neuron's stimuli at t, an arrow, its stimuli at t'.
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    Returns the matplotlib ``Figure`` (no pyplot); writes it to ``path`` unless that is None.
+    """
     ds = ws.images()  # by image index, as the stimuli record them
     s_from, s_to = ws.stimuli(model, tag_from), ws.stimuli(model, tag_to)
     row_of = {nid: i for i, nid in enumerate(s_from.neuron_ids)}
     ranked = imp.top(top)
     mean = dict(zip(imp.neuron_ids, imp.mean_sensitivity))
     ncol = 2 * examples + 1
-    fig, axes = plt.subplots(len(ranked), ncol, figsize=(0.9 * ncol, 1.0 * len(ranked) + 0.6), squeeze=False)
+    fig = new_figure(figsize=(0.9 * ncol, 1.0 * len(ranked) + 0.6))
+    axes = fig.subplots(len(ranked), ncol, squeeze=False)
     for r, (nid, score) in enumerate(ranked):
         for side, stim in ((0, s_from), (1, s_to)):
             idx = np.asarray(stim.indices[row_of[nid]])[:examples]
@@ -142,9 +141,9 @@ def plot_evolutions(ws: Workspace, model: str, tag_from: str, tag_to: str, imp, 
         title += "\nequal scores ranked by mean sensitivity S (mean first-order change of the class logit)"
     fig.suptitle(title, fontsize=8)
     fig.tight_layout()
-    path = save_figure(fig, path, dpi=120)[0]
-    plt.close(fig)
-    return path
+    if path is not None:
+        save_figure(fig, path, dpi=120)
+    return fig
 
 
 def evaluate_command(workspace, model: str, stages: str = "auto", classes="all", repeats: int = 5, images: int = 128,

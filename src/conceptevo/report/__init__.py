@@ -1,4 +1,4 @@
-"""Figures (matplotlib, Agg backend): the space per checkpoint (Fig 2), neuron groups (Fig 1), one neuron's evolution (Fig 3)."""
+"""Figures (matplotlib Figures, no pyplot): the space per checkpoint (Fig 2), neuron groups (Fig 1), one neuron's evolution (Fig 3)."""
 from .figures import make_figures, plot_neuron_evolution, plot_neuron_groups
 from .space import plot_space_grid
 

@@ -1,5 +1,9 @@
-"""The paper's pictures as static files (matplotlib, Agg): Fig 1 (neuron groups), Fig 2 (the space), Fig 3 (one neuron).
+"""The paper's pictures: Fig 1 (neuron groups), Fig 2 (the space), Fig 3 (one neuron).
 
+Each ``plot_*`` function returns a matplotlib ``Figure`` (shown inline when it
+is a notebook cell's value) and writes it too when given a path. The figures
+are drawn by their own Agg canvas, never through pyplot: the global backend
+and pyplot's figure list are left as they were.
 :func:`make_figures` writes all three into the workspace's ``figures/`` (PNG and PDF).
 Example patches must be computed first (:func:`conceptevo.patches.compute_patches`).
 """
@@ -14,6 +18,8 @@ import numpy as np
 from .. import io
 from ..errors import ConceptEvoError, WorkspaceError
 from . import analysis
+from ._util import _check_formats, _workspace
+from .space import plot_space_grid
 
 log = logging.getLogger(__name__)
 
@@ -22,27 +28,8 @@ MARKER_PT = 6      # diameter of a checkpoint's marker on a neuron's path, in po
 GROUP_COLOURS = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#9a6324"]
 
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def _save(fig, path, formats) -> list[Path]:
-    out = io.save_figure(fig, path, formats, dpi=DPI, bbox_inches="tight")
-    _plt().close(fig)
-    return out
-
-
-def _check_formats(formats: Sequence[str]) -> tuple[str, ...]:
-    formats = tuple(formats)
-    bad = [f for f in formats if f not in ("png", "pdf", "svg")]
-    if not formats or bad:
-        raise ConceptEvoError(f"formats must be some of png, pdf, svg; got {', '.join(map(repr, bad or formats))}")
-    return formats
+    return io.save_figure(fig, path, formats, dpi=DPI, bbox_inches="tight")
 
 
 def _row_image(patches: np.ndarray, gap: int = 2) -> np.ndarray:
@@ -64,9 +51,12 @@ def _require_patches(store, pairs):
         )
 
 
-def plot_neuron_groups(ws, path, formats=("png", "pdf"), groups: int = 3, per_model: int = 2, k: int = 8,
-                       patches_shown: int = 5, seed: int = 0, vectors=None) -> list[Path]:
+def plot_neuron_groups(ws, path=None, formats=("png", "pdf"), groups: int = 3, per_model: int = 2, k: int = 8,
+                       patches_shown: int = 5, seed: int = 0, vectors=None):
     """Paper Fig 1: K-means groups of the unified space, highlighted in every model, with their neurons' patches.
+
+    Returns the ``Figure``; with ``path``, also writes it in each of ``formats``
+    (``path``'s suffix replaced).
 
     The groups shown are those shared by the most models (then the tightest);
     for each, the ``per_model`` neurons nearest the group centre in each model's
@@ -75,7 +65,7 @@ def plot_neuron_groups(ws, path, formats=("png", "pdf"), groups: int = 3, per_mo
     from ..patches import PatchStore
 
     formats = _check_formats(formats)
-    plt = _plt()
+    ws = _workspace(ws)
     vectors = analysis.unified_vectors(ws) if vectors is None else vectors
     lay = analysis.layouts(ws)
     models = [m for m in ws.models if vectors.get((m, ws.tags(m)[-1])) is not None and lay.get((m, ws.tags(m)[-1])) is not None]
@@ -94,7 +84,7 @@ def plot_neuron_groups(ws, path, formats=("png", "pdf"), groups: int = 3, per_mo
         score.append((-present, spread, g))
     chosen = [g for _, _, g in sorted(score)[:groups]]
     nrow = len(chosen)
-    fig = plt.figure(figsize=(3.0 * len(models) + 0.2, 2.8 + 1.0 * nrow))
+    fig = io.new_figure(figsize=(3.0 * len(models) + 0.2, 2.8 + 1.0 * nrow))
     gs = fig.add_gridspec(1 + nrow, len(models), height_ratios=[2.6] + [1.0] * nrow, hspace=0.35, wspace=0.08)
     for c, m in enumerate(models):
         ax = fig.add_subplot(gs[0, c])
@@ -128,20 +118,25 @@ def plot_neuron_groups(ws, path, formats=("png", "pdf"), groups: int = 3, per_mo
             ax2.imshow(stack, interpolation="nearest")
             ax2.set_title(", ".join(ids[int(r)] for r in rows), fontsize=6, color=GROUP_COLOURS[i % len(GROUP_COLOURS)])
     fig.suptitle("Neuron groups of the unified space (K-means), across models, with example patches", fontsize=9)
-    return _save(fig, path, formats)
+    if path is not None:
+        _save(fig, path, formats)
+    return fig
 
 
-def plot_neuron_evolution(ws, path, neuron: str | None = None, model: str | None = None, formats=("png", "pdf"),
-                          patches_shown: int | None = None, vectors=None) -> list[Path]:
+def plot_neuron_evolution(ws, path=None, neuron: str | None = None, model: str | None = None, formats=("png", "pdf"),
+                          patches_shown: int | None = None, vectors=None):
     """Paper Fig 3: one neuron's path through the unified space over training, with its patches at each checkpoint.
 
-    Default: the base model's neuron whose vector travelled furthest.
+    Default: the base model's neuron whose vector travelled furthest. Returns
+    the ``Figure``; with ``path``, also writes it in each of ``formats``.
     """
     from ..layers import split_neuron_id
     from ..patches import PatchStore
 
+    import matplotlib
+
     formats = _check_formats(formats)
-    plt = _plt()
+    ws = _workspace(ws)
     model = model or ws.base[0]
     if model not in ws.models:
         raise WorkspaceError(f"model {model!r} is not in this study; models: {', '.join(ws.models)}")
@@ -174,13 +169,13 @@ def plot_neuron_evolution(ws, path, neuron: str | None = None, model: str | None
     width_r = 0.6 * k
     # constrained layout keeps the row labels off the path panel; the figure is made at the saved resolution,
     # so the label placement below measures what the PNG shows
-    fig = plt.figure(figsize=(4.0 + width_r + 1.2, max(3.4, width_r * aspect + 1.0)), dpi=DPI, layout="constrained")
+    fig = io.new_figure(figsize=(4.0 + width_r + 1.2, max(3.4, width_r * aspect + 1.0)), dpi=DPI, layout="constrained")
     gs = fig.add_gridspec(1, 2, width_ratios=[4.0, width_r])
     ax = fig.add_subplot(gs[0, 0])
     bg = lay[(model, tags[-1])]
     ax.scatter(bg[:, 0], bg[:, 1], s=3, c="#d8d8d8", linewidths=0)
     path_xy = np.array([lay[(model, t)][row] for t in tags])
-    cmap = plt.get_cmap("plasma")
+    cmap = matplotlib.colormaps["plasma"]
     ax.plot(path_xy[:, 0], path_xy[:, 1], "-", color="#555", lw=1, zorder=2)
     for i, t in enumerate(tags):
         col = cmap(i / max(1, len(tags) - 1) * 0.85)
@@ -205,7 +200,9 @@ def plot_neuron_evolution(ws, path, neuron: str | None = None, model: str | None
     if unplaced:
         log.info("evolution figure: no room to label %d of %d checkpoints on the path (%s); their colour orders them",
                  len(unplaced), len(tags), ", ".join(unplaced[:4]))
-    return _save(fig, path, formats)
+    if path is not None:
+        _save(fig, path, formats)
+    return fig
 
 
 def label_points(ax, xy, labels, fontsize: float = 7, marker_pt: float = None) -> list[str]:
@@ -264,15 +261,12 @@ def make_figures(ws, out: str | Path | None = None, formats=("png", "pdf"), neur
 
     ``ws`` is a :class:`~conceptevo.Workspace` or its folder.
     """
-    from ..workspace import Workspace
-    from .space import plot_space_grid
 
-    ws = ws if isinstance(ws, Workspace) else Workspace(ws)
-
+    ws = _workspace(ws)
     formats = _check_formats(formats)
     out = Path(out) if out is not None else ws.figures_dir
     vectors = analysis.unified_vectors(ws)
-    paths = list(plot_space_grid(ws, out / "space.png", formats=formats))
-    paths += plot_neuron_groups(ws, out / "groups.png", formats=formats, groups=groups, k=k, seed=seed, vectors=vectors)
-    paths += plot_neuron_evolution(ws, out / "evolution.png", neuron=neuron, model=model, formats=formats, vectors=vectors)
-    return paths
+    plot_space_grid(ws, out / "space.png", formats=formats)
+    plot_neuron_groups(ws, out / "groups.png", formats=formats, groups=groups, k=k, seed=seed, vectors=vectors)
+    plot_neuron_evolution(ws, out / "evolution.png", neuron=neuron, model=model, formats=formats, vectors=vectors)
+    return [p for name in ("space", "groups", "evolution") for p in io.figure_paths(out / f"{name}.png", formats)]

@@ -1,9 +1,9 @@
 """The unified space per checkpoint, side by side: each model's checkpoints in rows of panels (paper Fig 2)."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
+
+from ._util import _check_formats, _workspace
 
 
 def layer_depth(neuron_ids) -> np.ndarray:
@@ -14,8 +14,11 @@ def layer_depth(neuron_ids) -> np.ndarray:
     return np.array([pos[l] / max(len(order) - 1, 1) for l in layers], dtype=np.float32)
 
 
-def plot_space_grid(ws, path, formats=("png",), max_checkpoints: int = 8, per_row: int = 4) -> list[Path]:
+def plot_space_grid(ws, path=None, formats=("png",), max_checkpoints: int = 8, per_row: int = 4):
     """Scatter of every checkpoint's neurons in the shared 2-D frame; colour = layer depth, with its colour bar.
+
+    Returns the matplotlib ``Figure`` (no pyplot: the global backend is left
+    alone); with ``path``, also writes it in each of ``formats``.
 
     Each model shows at most ``max_checkpoints`` checkpoints (evenly spread,
     first and last included), wrapped into rows of at most ``per_row``
@@ -24,15 +27,13 @@ def plot_space_grid(ws, path, formats=("png",), max_checkpoints: int = 8, per_ro
     """
     import math
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from matplotlib.cm import ScalarMappable
     from matplotlib.colors import Normalize
 
     from .. import io
 
+    formats = _check_formats(formats)
+    ws = _workspace(ws)
     models = ws.models
     shown = {m: _pick(ws.tags(m), max_checkpoints) for m in models}
     most = max(len(v) for v in shown.values())
@@ -42,7 +43,8 @@ def plot_space_grid(ws, path, formats=("png",), max_checkpoints: int = 8, per_ro
     xy_all = np.concatenate([np.asarray(ws.layout(m, t)) for m in models for t in shown[m]])
     lo, hi = xy_all.min(0), xy_all.max(0)
     pad = 0.05 * (hi - lo)
-    fig, axes = plt.subplots(nrow, ncol, figsize=(2.5 * ncol + 0.4, 2.5 * nrow + 1.1), squeeze=False, layout="constrained")
+    fig = io.new_figure(figsize=(2.5 * ncol + 0.4, 2.5 * nrow + 1.1), layout="constrained")
+    axes = fig.subplots(nrow, ncol, squeeze=False)
     base = ws.base
     r0 = 0
     for m in models:
@@ -70,9 +72,9 @@ def plot_space_grid(ws, path, formats=("png",), max_checkpoints: int = 8, per_ro
     bar.ax.set_xticklabels(["first layer", "middle", "last layer"], fontsize=8)
     bar.set_label("colour: a neuron's layer, by its depth in its model", fontsize=8)
     fig.suptitle("Unified semantic space, per checkpoint", fontsize=10)
-    out = io.save_figure(fig, path, formats, dpi=110)
-    plt.close(fig)
-    return out
+    if path is not None:
+        io.save_figure(fig, path, formats, dpi=110)
+    return fig
 
 
 def _pick(tags: list[str], n: int) -> list[str]:

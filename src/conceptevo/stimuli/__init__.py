@@ -245,6 +245,8 @@ def find_stimuli(model: nn.Module, dataset, k: int = 10, layers=None, batch_size
     get = lambda attr: getattr(top, attr).cpu().numpy()  # noqa: E731
     mean = (get("sum") / n).astype(np.float32)
     var = np.maximum(get("sumsq") / n - (get("sum") / n) ** 2, 0.0)
+    if num_images is None and max_seen >= 0:
+        num_images = max_seen + 1  # every image passed, not only the stimuli (top_responses has a row for each)
     return Stimuli(neuron_ids_of(layer_list), get("i"), get("v"), get("p"), layers=layer_list,
                    num_images=num_images, mean=mean, std=np.sqrt(var).astype(np.float32))
 

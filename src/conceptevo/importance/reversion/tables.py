@@ -11,7 +11,7 @@ from typing import Sequence
 import numpy as np
 
 from ...errors import ConceptEvoError
-from ...io import atomic_path, save_figure
+from ...io import atomic_path, new_figure, save_figure
 from .. import verdicts
 from ..verdicts import Verdict
 
@@ -89,7 +89,8 @@ class ReversionResult:
         return write_reversion_markdown(path, [self])
 
     def plot_bars(self, path, split: str | None = None, metric: str | None = None) -> Path:
-        return plot_reversion_bars(path, [self], split=split, metric=metric)
+        plot_reversion_bars(path, [self], split=split, metric=metric)
+        return Path(path)
 
     def chance(self, metric: str = "top1") -> float | None:
         """The metric's chance level (k / classes for top-k), or None when the number of classes was not recorded."""
@@ -244,23 +245,21 @@ def write_reversion_markdown(path, results, class_names=None) -> Path:
     return path
 
 
-def plot_reversion_bars(path, results, split: str | None = None, metric: str | None = None) -> Path:
+def plot_reversion_bars(path, results, split: str | None = None, metric: str | None = None):
     """Fig-6-style bars: mean accuracy change per bin with std error bars, random as a dashed line.
+
+    Returns the matplotlib ``Figure`` (no pyplot); writes it to ``path`` unless that is None.
 
     One row of panels per result (stage); one panel per (split, metric), or
     only the ones named.
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     results = _results(results)
     if not results:
         raise ConceptEvoError("no reversion results to plot")
     panels = [(s, m) for s in SPLITS for m in METRICS if (split in (None, s)) and (metric in (None, m))]
     if not panels:
         raise ConceptEvoError(f"nothing to plot for split={split!r}, metric={metric!r}; use {SPLITS} and {METRICS}")
-    fig = Figure(figsize=(3.2 * len(panels), 2.8 * len(results)), dpi=120)
-    FigureCanvasAgg(fig)
+    fig = new_figure(figsize=(3.2 * len(panels), 2.8 * len(results)), dpi=120)
     axes = fig.subplots(len(results), len(panels), squeeze=False)
     for i, res in enumerate(results):
         summ = res.summary()
@@ -283,4 +282,6 @@ def plot_reversion_bars(path, results, split: str | None = None, metric: str | N
                 ax.set_ylabel("accuracy change", fontsize=8)
                 ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
-    return save_figure(fig, path)[0]
+    if path is not None:
+        save_figure(fig, path)
+    return fig
