@@ -8,6 +8,9 @@
   projection shortcuts (branching, not sequential).
 * ``tv:NAME``: any torchvision classification model, randomly initialised
   (nothing is downloaded); needs the ``vision`` extra.
+* ``hf:FOLDER``: the model a saved folder's ``config.json`` describes (a
+  Hugging Face ``transformers`` model, offline; or conceptevo's own with
+  ``"conceptevo_arch"``), see :mod:`conceptevo.models.hf`.
 * ``package.module:function`` (or ``:Class``): your own, see :func:`build_model`.
 """
 from __future__ import annotations
@@ -144,6 +147,11 @@ def _build(arch: str, in_channels: int, num_classes: int, import_path=None, **op
         raise ConceptEvoError(f"arch must be a name such as 'vgg_like', 'tv:resnet18' or 'package.module:function', got {arch!r}")
     if arch in ARCHITECTURES:
         return ARCHITECTURES[arch](in_channels=in_channels, num_classes=num_classes, **options)
+    if arch.startswith("hf:"):
+        from .hf import build_from_config
+
+        return build_from_config(arch[3:], in_channels=in_channels, num_classes=num_classes, import_path=import_path,
+                                 **options)
     if arch.startswith("tv:") or arch.startswith("torchvision:"):
         return _torchvision_model(arch.split(":", 1)[1], in_channels, num_classes, **options)
     if ":" in arch:
@@ -153,7 +161,8 @@ def _build(arch: str, in_channels: int, num_classes: int, import_path=None, **op
             return _call_factory(fn, arch, dict(in_channels=in_channels, num_classes=num_classes), options)
     raise ConceptEvoError(
         f"unknown architecture {arch!r}.{suggest(arch, ARCHITECTURES)} Built in: {', '.join(ARCHITECTURES)}; "
-        "also 'tv:NAME' for torchvision models or 'package.module:function' for your own"
+        "also 'tv:NAME' for torchvision models, 'hf:FOLDER' for a saved folder's config.json (Hugging Face) or "
+        "'package.module:function' for your own"
     )
 
 
