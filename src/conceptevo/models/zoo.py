@@ -6,6 +6,9 @@
   (``batchnorm=False`` leaves it out, as in the original VGG16).
 * ``resnet_like``: a small pre-activation-free ResNet with residual blocks and
   projection shortcuts (branching, not sequential).
+* ``vit_tiny``: a small vision transformer (4x4 patches on 28x28, 4 blocks);
+  its default units are the MLP hidden units ``blocks.*.mlp.act``, ``[B, T, C]``
+  (see :mod:`conceptevo.models.vit` and :func:`default_units`).
 * ``tv:NAME``: any torchvision classification model, randomly initialised
   (nothing is downloaded); needs the ``vision`` extra.
 * ``hf:FOLDER``: the model a saved folder's ``config.json`` describes (a
@@ -27,6 +30,7 @@ import torch
 from torch import nn
 
 from ..errors import ConceptEvoError, suggest
+from .vit import vit_tiny
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +120,18 @@ ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
     "vgg_like": vgg_like,
     "vgg_like_nodropout": vgg_like_nodropout,
     "resnet_like": resnet_like,
+    "vit_tiny": vit_tiny,
 }
+
+
+def default_units(model: nn.Module) -> tuple[str, ...] | None:
+    """The layer names or globs a study takes from ``model`` when it names none, or None for the general default (every Conv2d).
+
+    A model states its own with a ``default_units`` attribute (the built-in
+    ViT: its MLP hidden units, ``blocks.*.mlp.act``).
+    """
+    units = getattr(model, "default_units", None)
+    return tuple(units) if units else None
 
 
 def build_model(arch: str, in_channels: int = 1, num_classes: int = 10, seed: int | None = None,
