@@ -15,8 +15,10 @@ import torch
 from torch import nn
 
 from conceptevo.errors import CheckpointError, ConceptEvoError
+from conceptevo.layers import resolve_layers
 from conceptevo.models import build_model, list_checkpoints, load_checkpoint, validate_checkpoints
 from conceptevo.models.checkpoints import checkpoint_hash
+from conceptevo.models.zoo import default_units
 
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
@@ -188,6 +190,8 @@ def test_save_pretrained_steps_load_as_one_run(tf, tmp_path):
         assert torch.equal(got, want) and torch.equal(got_act, want_act)
         assert got_act.shape == (2, 9, 32)  # [B, T, C]: the MLP hidden units, one value per token
     validate_checkpoints([c.path for c in cks], lambda: build_model(f"hf:{tmp_path / 'run'}"), name="neox")
+    # the default units of a known family: the MLP hidden units of every block
+    assert resolve_layers(built, default_units(built)) == ["gpt_neox.layers.0.mlp.act", "gpt_neox.layers.1.mlp.act"]
     # without logits=True the transformers output object comes back
     raw = build_model(f"hf:{tmp_path / 'run' / 'step0'}", logits=False)
     assert hasattr(raw(tokens), "logits")
@@ -222,6 +226,7 @@ def test_vit_folder_and_pytorch_model_bin(tf, tmp_path):
         got, got_act = _hooked(built, layer, x)
         assert torch.equal(got, want) and torch.equal(got_act, want_act), folder
         assert got_act.shape == (3, 50, 24)  # 49 patch tokens + the class token
+        assert layer in resolve_layers(built, default_units(built))
     # a missing .bin shard
     (tmp_path / "binsh" / "pytorch_model-00002-of-00002.bin").unlink()
     with pytest.raises(CheckpointError, match="missing .*pytorch_model-00002-of-00002.bin"):

@@ -71,3 +71,18 @@ def test_trains_with_the_cnn_checkpoint_schedule(tmp_path):
     xb = x[:8]
     with torch.no_grad():
         assert torch.equal(again.eval()(xb), model.eval()(xb))
+
+
+def test_timm_and_torchvision_vits_by_name(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "timm", None)  # as if not installed
+    with pytest.raises(ConceptEvoError, match=r"install the 'timm' extra: pip install 'conceptevo\[timm\]'"):
+        build_model("timm:vit_tiny_patch16_224")
+    monkeypatch.undo()
+    pytest.importorskip("torchvision")
+    vit = build_model("tv:vit_b_16", in_channels=3, num_classes=5, seed=0).eval()
+    layers = resolve_layers(vit, default_units(vit))
+    assert len(layers) == 12 and layers[0] == "encoder.layers.encoder_layer_0.mlp.1"
+    _, act = _act(vit, layers[0], torch.randn(1, 3, 224, 224))
+    assert act.shape == (1, 197, 3072)  # 14x14 patches + the class token; 3072 MLP hidden units
