@@ -67,6 +67,9 @@ def test_conceptevo_arch_folders_as_one_run_without_trust(tmp_path):
         with torch.no_grad():
             assert torch.equal(model.eval()(x), truth[c.tag](x))
     validate_checkpoints([c.path for c in cks], lambda: build_model(f"hf:{tmp_path / 'run'}"), name="run")
+    # a list of step folders keeps its order
+    listed = list_checkpoints([tmp_path / "run" / "step512", tmp_path / "run" / "step0"])
+    assert [(c.tag, c.step) for c in listed] == [("step512", 512), ("step0", 0)]
     # one step folder given alone is one checkpoint
     assert [c.tag for c in list_checkpoints(tmp_path / "run" / "step1")] == ["step1"]
     # the content hash covers the weights: distinct per step, stable

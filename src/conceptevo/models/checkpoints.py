@@ -613,9 +613,14 @@ def list_checkpoints(source) -> list[Checkpoint]:
     folder = Path(source)
     if folder.is_file() or (not folder.exists() and folder.suffix.lower() in EXTENSIONS):
         return list_checkpoints([folder])  # one checkpoint file
-    if is_model_folder(folder) and not (folder / INDEX_FILE).exists() and (
-            any((folder / n).is_file() for n in (*WEIGHT_FILES, *SHARD_INDEXES)) or not any(map(is_model_folder, _subfolders(folder)))):
-        return list_checkpoints([folder])  # one saved model (save_pretrained)
+    if is_model_folder(folder) and not (folder / INDEX_FILE).exists():
+        steps = [p for p in _subfolders(folder) if is_model_folder(p)]
+        if any((folder / n).is_file() for n in (*WEIGHT_FILES, *SHARD_INDEXES)) or not steps:
+            if steps:
+                log.warning("%s holds a saved model and %d model folder(s) under it (%s): taken as one checkpoint, the "
+                            "folder's own model; to study the ones under it, list them in [[models]] checkpoints",
+                            folder, len(steps), _examples(sorted(p.name for p in steps)))
+            return list_checkpoints([folder])  # one saved model (save_pretrained)
     if not folder.is_dir():
         raise CheckpointError(f"checkpoint folder {folder} does not exist; train first (`conceptevo train`) or fix the path")
     index = folder / INDEX_FILE
