@@ -27,6 +27,7 @@ study's heavy passes.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import logging
 import pickle
 import re
@@ -108,6 +109,17 @@ def _shard_map(index: Path) -> dict:
     return wm
 
 
+def _present_shards(index: Path, weight_map: dict) -> list[str]:
+    """The shard files an index names, sorted; a CheckpointError naming those missing from its folder."""
+    shards = sorted(set(weight_map.values()))
+    missing = [s for s in shards if not (index.parent / s).is_file()]
+    if missing:
+        raise CheckpointError(
+            f"the shard index {index} names {len(missing)} shard file(s) missing from {index.parent} "
+            f"({_examples(missing)}; {len(shards)} shard(s) in all): the copy is incomplete; copy the missing shards in")
+    return shards
+
+
 def _read_folder(folder: Path, trust: bool) -> dict:
     """The state_dict saved in a model folder: one weights file, or the shards its index names (merged)."""
     for name in SHARD_INDEXES:
@@ -115,13 +127,7 @@ def _read_folder(folder: Path, trust: bool) -> dict:
         if not index.is_file():
             continue
         wm = _shard_map(index)
-        shards = sorted(set(wm.values()))
-        missing = [s for s in shards if not (folder / s).is_file()]
-        if missing:
-            raise CheckpointError(
-                f"the shard index {index} names {len(missing)} shard file(s) missing from {folder} "
-                f"({_examples(missing)}; {len(shards)} shard(s) in all): the copy is incomplete; copy the missing shards in"
-            )
+        shards = _present_shards(index, wm)
         state: dict = {}
         for shard in shards:
             part = extract_state_dict(_read_state(folder / shard, trust), folder / shard)
@@ -426,12 +432,7 @@ def _check_folder_files(folder: Path) -> None:
     """The clear errors of :func:`_read_folder` (no weights, a missing shard) without reading the weights."""
     for name in SHARD_INDEXES:
         if (folder / name).is_file():
-            shards = sorted(set(_shard_map(folder / name).values()))
-            missing = [s for s in shards if not (folder / s).is_file()]
-            if missing:
-                raise CheckpointError(
-                    f"the shard index {folder / name} names {len(missing)} shard file(s) missing from {folder} "
-                    f"({_examples(missing)}; {len(shards)} shard(s) in all): the copy is incomplete; copy the missing shards in")
+            _present_shards(folder / name, _shard_map(folder / name))
             return
     if not any((folder / n).is_file() for n in WEIGHT_FILES):
         _read_folder(folder, trust=False)  # raises the no-weights error
@@ -457,8 +458,8 @@ def _load_transformers_folder(folder: Path, model: nn.Module, trust: bool, stric
     was = tf.utils.logging.is_progress_bar_enabled()
     tf.utils.logging.disable_progress_bar()
     try:
-        loaded, info = cls.from_pretrained(str(folder), local_files_only=True, output_loading_info=True,
-                                           weights_only=not trust)
+        safe = {"weights_only": not trust} if "weights_only" in inspect.signature(cls.from_pretrained).parameters else {}
+        loaded, info = cls.from_pretrained(str(folder), local_files_only=True, output_loading_info=True, **safe)
     except CheckpointError:
         raise
     except Exception as e:
