@@ -4,7 +4,17 @@ All loading goes through :func:`load_checkpoint`, which uses
 ``torch.load(weights_only=True)``: a checkpoint that would need arbitrary code
 to unpickle is refused unless the caller opts in with ``trust=True``
 (``--trust-checkpoint`` on the command line). ``.safetensors`` files are read
-with the safetensors package when it is installed.
+with the safetensors package when it is installed (no pickle, so they never
+need ``trust``).
+
+A checkpoint can also be a folder as Hugging Face's ``save_pretrained`` writes
+it (``config.json`` with ``model.safetensors`` or ``pytorch_model.bin``, or
+their shards listed in ``model.safetensors.index.json`` /
+``pytorch_model.bin.index.json``), and a folder of such folders (one per
+training step, ``step0``, ``step512``, ... as published training runs keep
+them) is one model's checkpoints, ordered by the step in their names. The
+model such a folder describes is built by ``arch = "hf:FOLDER"`` (see
+:mod:`conceptevo.models.hf`).
 
 The weights are found in the layouts people save: a bare state_dict, the
 PyTorch tutorial's dict (``model_state_dict``, as ``.pt`` or ``.tar``),
@@ -16,9 +26,12 @@ study's heavy passes.
 """
 from __future__ import annotations
 
+import hashlib
+import inspect
 import logging
 import pickle
 import re
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -35,6 +48,10 @@ STATE_KEYS = ("state_dict", "model_state_dict", "model_state", "model", "net", "
 INDEX_FILE = "checkpoints.json"
 # ".tar": the PyTorch tutorial saves its checkpoint dict as "checkpoint.pth.tar"
 EXTENSIONS = (".pt", ".pth", ".ckpt", ".bin", ".tar", ".safetensors")
+# a model folder as Hugging Face's save_pretrained writes it (conceptevo's own LM checkpoints too)
+CONFIG_FILE = "config.json"
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+SHARD_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 
 
 @dataclass
@@ -60,9 +77,86 @@ def epoch_tag(epoch: float) -> str:
     return f"e{round(float(epoch), 2):g}"
 
 
+def is_model_folder(path) -> bool:
+    """True for a folder that holds one saved model: a ``config.json``, weights or a shard index (``save_pretrained``)."""
+    path = Path(path)
+    return path.is_dir() and any((path / n).is_file() for n in (CONFIG_FILE, *WEIGHT_FILES, *SHARD_INDEXES))
+
+
+def model_folder_files(folder) -> list[Path]:
+    """The files of a model folder that make up the model (config, weights, index, shards), in a fixed order."""
+    folder = Path(folder)
+    out = [folder / n for n in (CONFIG_FILE, *WEIGHT_FILES) if (folder / n).is_file()]
+    for n in SHARD_INDEXES:
+        if (folder / n).is_file():
+            out.append(folder / n)
+            out += [folder / s for s in sorted(set(_shard_map(folder / n).values()))]
+    return out
+
+
+def _shard_map(index: Path) -> dict:
+    """The ``weight_map`` (parameter name -> shard file) of a shard index."""
+    try:
+        d = read_json(index)
+    except Exception as e:
+        raise CheckpointError(f"shard index {index} cannot be read ({e}); re-save the model") from None
+    wm = d.get("weight_map") if isinstance(d, dict) else None
+    if not isinstance(wm, dict) or not wm or not all(isinstance(v, str) for v in wm.values()):
+        raise CheckpointError(f"shard index {index} has no 'weight_map' of parameter names to shard files; re-save the model")
+    for shard in set(wm.values()):
+        if Path(shard).name != shard or shard.startswith("."):
+            raise CheckpointError(f"shard index {index} names the shard {shard!r}, not a file in its folder; re-save the model")
+    return wm
+
+
+def _present_shards(index: Path, weight_map: dict) -> list[str]:
+    """The shard files an index names, sorted; a CheckpointError naming those missing from its folder."""
+    shards = sorted(set(weight_map.values()))
+    missing = [s for s in shards if not (index.parent / s).is_file()]
+    if missing:
+        raise CheckpointError(
+            f"the shard index {index} names {len(missing)} shard file(s) missing from {index.parent} "
+            f"({_examples(missing)}; {len(shards)} shard(s) in all): the copy is incomplete; copy the missing shards in")
+    return shards
+
+
+def _read_folder(folder: Path, trust: bool) -> dict:
+    """The state_dict saved in a model folder: one weights file, or the shards its index names (merged)."""
+    for name in SHARD_INDEXES:
+        index = folder / name
+        if not index.is_file():
+            continue
+        wm = _shard_map(index)
+        shards = _present_shards(index, wm)
+        state: dict = {}
+        for shard in shards:
+            part = extract_state_dict(_read_state(folder / shard, trust), folder / shard)
+            state.update(part)
+        lost = [k for k in wm if k not in state]
+        if lost:
+            raise CheckpointError(f"the shards of {folder} lack {len(lost)} weight(s) their index {name} names "
+                                  f"({_examples(lost)}): a shard is truncated or from another save; re-save the model")
+        return state
+    for name in WEIGHT_FILES:
+        if (folder / name).is_file():
+            return _read_state(folder / name, trust)
+    what = "a config.json but" if (folder / CONFIG_FILE).is_file() else ""
+    raise CheckpointError(
+        f"model folder {folder} has {what} no model weights: expected {' or '.join(WEIGHT_FILES)}, or shards with "
+        f"{' or '.join(SHARD_INDEXES)}; copy the weight files in (a download that took only the config leaves them out)"
+    )
+
+
 def _read_state(path: Path, trust: bool):
     if not path.exists():
         raise CheckpointError(f"checkpoint {path} does not exist; check the path")
+    if path.is_dir():
+        if not is_model_folder(path):
+            raise CheckpointError(
+                f"checkpoint {path} is a folder without a saved model ({CONFIG_FILE} with {' or '.join(WEIGHT_FILES)}, "
+                "as save_pretrained writes); give a checkpoint file or a model folder"
+            )
+        return _read_folder(path, trust)
     if path.suffix.lower() == ".safetensors":
         try:
             from safetensors.torch import load_file
@@ -244,6 +338,34 @@ def _likely_cause(state: dict, model: nn.Module, missing, unexpected, shapes, st
     return "a different architecture: check arch and its options"
 
 
+def fill_tied(state: dict, model: nn.Module) -> dict:
+    """``state`` with the model's tied weights filled in from the copy that was saved.
+
+    A model whose parameters share one tensor (a language model's output layer
+    tied to its token embedding) is saved with the tensor once
+    (``save_pretrained``, safetensors): a missing key whose tensor is shared
+    with a saved key takes that key's value.
+    """
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    if not missing:
+        return state
+    by_ptr: dict = {}
+    for k, v in own.items():
+        if isinstance(v, torch.Tensor) and v.numel():
+            by_ptr.setdefault((v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape)), []).append(k)
+    out = dict(state)
+    for k in missing:
+        v = own[k]
+        if not isinstance(v, torch.Tensor) or not v.numel():
+            continue
+        twins = [t for t in by_ptr.get((v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape)), []) if t in state]
+        if twins:
+            out[k] = state[twins[0]]
+            log.debug("%s is tied to %s: took its saved value", k, twins[0])
+    return out
+
+
 def check_fit(state: dict, model: nn.Module, path="checkpoint", stripped: str = "") -> None:
     """A one-line CheckpointError unless ``state`` has exactly ``model``'s keys and shapes.
 
@@ -283,8 +405,11 @@ def load_checkpoint(path, model: nn.Module, trust: bool = False, strict: bool = 
         raise CheckpointError("this checkpoint has no file: its workspace was built from results in memory "
                               "(Workspace.from_results); pass the loaded models to the Python API instead")
     path = Path(path)
+    if path.is_dir() and _is_transformers(model):
+        return _load_transformers_folder(path, model, trust, strict)
     state = extract_state_dict(_read_state(path, trust), path, key=key)
     state, stripped = fit_state_dict(state, model, prefix=prefix, path=path)
+    state = fill_tied(state, model)
     if strict:
         check_fit(state, model, path, stripped)
     try:
@@ -295,6 +420,65 @@ def load_checkpoint(path, model: nn.Module, trust: bool = False, strict: bool = 
             f"checkpoint {path} does not fit the architecture {type(model).__name__}: {' '.join(first)[:300]}; "
             "build the model with the architecture and options it was trained with"
         ) from None
+    return model
+
+
+def _is_transformers(model: nn.Module) -> bool:
+    tf = sys.modules.get("transformers")
+    return tf is not None and isinstance(model, getattr(tf, "PreTrainedModel", ()))
+
+
+def _check_folder_files(folder: Path) -> None:
+    """The clear errors of :func:`_read_folder` (no weights, a missing shard) without reading the weights."""
+    for name in SHARD_INDEXES:
+        if (folder / name).is_file():
+            _present_shards(folder / name, _shard_map(folder / name))
+            return
+    if not any((folder / n).is_file() for n in WEIGHT_FILES):
+        _read_folder(folder, trust=False)  # raises the no-weights error
+
+
+def _load_transformers_folder(folder: Path, model: nn.Module, trust: bool, strict: bool) -> nn.Module:
+    """Load a ``save_pretrained`` folder into a ``transformers`` model through ``transformers`` itself.
+
+    ``transformers`` renames weights between its saved files and its modules
+    (version 5 saves ``vit.encoder.layer.0.intermediate.dense`` for the
+    module ``vit.layers.0.mlp.fc1``), so the folder is read with
+    ``from_pretrained`` (offline, ``weights_only`` unless ``trust``), which
+    applies its own renaming; the weights it read must be complete and then
+    fit ``model`` exactly.
+    """
+    from .hf import import_transformers
+
+    if not is_model_folder(folder):
+        _read_state(folder, trust)  # raises: not a model folder
+    _check_folder_files(folder)
+    tf = import_transformers(f"checkpoint {folder}")
+    cls = type(model).__mro__[1] if getattr(type(model), "_conceptevo_logits", False) else type(model)
+    was = tf.utils.logging.is_progress_bar_enabled()
+    tf.utils.logging.disable_progress_bar()
+    try:
+        safe = {"weights_only": not trust} if "weights_only" in inspect.signature(cls.from_pretrained).parameters else {}
+        loaded, info = cls.from_pretrained(str(folder), local_files_only=True, output_loading_info=True, **safe)
+    except CheckpointError:
+        raise
+    except Exception as e:
+        first = str(e).splitlines()[0][:240] if str(e) else type(e).__name__
+        raise CheckpointError(f"transformers cannot load the model folder {folder} into {cls.__name__} ({first}); "
+                              "check that the folder is a complete save_pretrained output of this architecture") from None
+    finally:
+        if was:
+            tf.utils.logging.enable_progress_bar()
+    bad = {k: sorted(map(str, v)) for k, v in info.items() if k != "error_msgs" and v}
+    if bad or info.get("error_msgs"):
+        parts = [f"{len(v)} {k.replace('_', ' ')} ({_examples(v)})" for k, v in bad.items()]
+        parts += [str(m).splitlines()[0][:160] for m in info.get("error_msgs", [])[:2]]
+        raise CheckpointError(f"checkpoint {folder} does not fit the architecture {cls.__name__} (as transformers reads it): "
+                              f"{'; '.join(parts)}; likely cause: a different architecture or config: check arch")
+    state = loaded.state_dict()
+    if strict:
+        check_fit(state, model, folder)
+    model.load_state_dict(state, strict=strict)
     return model
 
 
@@ -392,12 +576,17 @@ def _order(cks: list[Checkpoint]) -> list[Checkpoint]:
 
 def _copy_of(c: Checkpoint, others: list[Checkpoint]) -> bool:
     """True (and said) when ``c``'s file has the same bytes as one of ``others`` (Lightning's ``last.ckpt``)."""
-    size = Path(c.path).stat().st_size
+    size = _size(c.path)
     for o in others:
-        if Path(o.path).stat().st_size == size and file_sha256(o.path) == file_sha256(c.path):
+        if _size(o.path) == size and checkpoint_hash(o.path) == checkpoint_hash(c.path):
             log.info("checkpoint %s is a copy of %s; left out", Path(c.path).name, Path(o.path).name)
             return True
     return False
+
+
+def _size(path) -> int:
+    path = Path(path)
+    return sum(f.stat().st_size for f in model_folder_files(path)) if path.is_dir() else path.stat().st_size
 
 
 def list_checkpoints(source) -> list[Checkpoint]:
@@ -407,6 +596,12 @@ def list_checkpoints(source) -> list[Checkpoint]:
     or step in the file names (:func:`parse_position`), else by name with
     numbers compared as numbers; each file's tag is its name without the
     suffixes, and its epoch and step are the ones its name states.
+
+    Model folders (``save_pretrained``: ``config.json`` + weights) count as
+    checkpoint files: a model folder given as the source is one checkpoint,
+    and a folder of model folders (``step0``, ``step1``, ..., ``step143000``)
+    is one model's run, ordered by the step in the folder names (tag
+    ``step512``, step 512).
     """
     if isinstance(source, (list, tuple)):
         out = []
@@ -419,6 +614,14 @@ def list_checkpoints(source) -> list[Checkpoint]:
     folder = Path(source)
     if folder.is_file() or (not folder.exists() and folder.suffix.lower() in EXTENSIONS):
         return list_checkpoints([folder])  # one checkpoint file
+    if is_model_folder(folder) and not (folder / INDEX_FILE).exists():
+        steps = [p for p in _subfolders(folder) if is_model_folder(p)]
+        if any((folder / n).is_file() for n in (*WEIGHT_FILES, *SHARD_INDEXES)) or not steps:
+            if steps:
+                log.warning("%s holds a saved model and %d model folder(s) under it (%s): taken as one checkpoint, the "
+                            "folder's own model; to study the ones under it, list them in [[models]] checkpoints",
+                            folder, len(steps), _examples(sorted(p.name for p in steps)))
+            return list_checkpoints([folder])  # one saved model (save_pretrained)
     if not folder.is_dir():
         raise CheckpointError(f"checkpoint folder {folder} does not exist; train first (`conceptevo train`) or fix the path")
     index = folder / INDEX_FILE
@@ -429,13 +632,19 @@ def list_checkpoints(source) -> list[Checkpoint]:
                 c.path = str(folder / c.path)
         return _unique(cks)
     files = [p for p in folder.iterdir() if p.suffix.lower() in EXTENSIONS and not p.name.startswith(".") and p.is_file()]
+    files += [p for p in _subfolders(folder) if is_model_folder(p)]
     if not files:
-        raise CheckpointError(f"no checkpoint files ({', '.join(EXTENSIONS)}) in {folder}")
+        raise CheckpointError(f"no checkpoint files ({', '.join(EXTENSIONS)}) or model folders ({CONFIG_FILE} with "
+                              f"{' or '.join(WEIGHT_FILES)}) in {folder}")
     return _unique(_order([_from_file(p) for p in files]))
 
 
+def _subfolders(folder: Path) -> list[Path]:
+    return [p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")]
+
+
 def _from_file(p: Path) -> Checkpoint:
-    tag = checkpoint_stem(p)
+    tag = p.name if p.is_dir() else checkpoint_stem(p)
     epoch, step = parse_position(tag)
     return Checkpoint(tag=tag, path=str(p), epoch=epoch, step=step)
 
@@ -478,4 +687,11 @@ def write_index(folder, checkpoints: list[Checkpoint], **info) -> None:
 
 
 def checkpoint_hash(path) -> str:
-    return file_sha256(path)[:16]
+    """A checkpoint's content hash (16 hex digits); for a model folder, over its config, weights, index and shards."""
+    path = Path(path)
+    if not path.is_dir():
+        return file_sha256(path)[:16]
+    h = hashlib.sha256()
+    for f in model_folder_files(path):
+        h.update(f"{f.name}\0{file_sha256(f)}\n".encode())
+    return h.hexdigest()[:16]

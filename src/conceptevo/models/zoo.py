@@ -6,8 +6,17 @@
   (``batchnorm=False`` leaves it out, as in the original VGG16).
 * ``resnet_like``: a small pre-activation-free ResNet with residual blocks and
   projection shortcuts (branching, not sequential).
+* ``vit_tiny``: a small vision transformer (4x4 patches on 28x28, 4 blocks);
+  its default units are the MLP hidden units ``blocks.*.mlp.act``, ``[B, T, C]``
+  (see :mod:`conceptevo.models.vit` and :func:`default_units`).
 * ``tv:NAME``: any torchvision classification model, randomly initialised
-  (nothing is downloaded); needs the ``vision`` extra.
+  (nothing is downloaded); needs the ``vision`` extra. ``tv:vit_b_16`` is a
+  ViT (224x224, 3 channels); its default units are ``encoder.layers.*.mlp.1``.
+* ``timm:NAME``: any timm model (``timm:vit_tiny_patch16_224``), randomly
+  initialised, with the study's input channels; needs the ``timm`` extra.
+* ``hf:FOLDER``: the model a saved folder's ``config.json`` describes (a
+  Hugging Face ``transformers`` model, offline; or conceptevo's own with
+  ``"conceptevo_arch"``), see :mod:`conceptevo.models.hf`.
 * ``package.module:function`` (or ``:Class``): your own, see :func:`build_model`.
 """
 from __future__ import annotations
@@ -24,6 +33,7 @@ import torch
 from torch import nn
 
 from ..errors import ConceptEvoError, suggest
+from .vit import vit_tiny
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +123,47 @@ ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
     "vgg_like": vgg_like,
     "vgg_like_nodropout": vgg_like_nodropout,
     "resnet_like": resnet_like,
+    "vit_tiny": vit_tiny,
 }
+
+
+#: Transformer families whose natural units are the MLP hidden units (after the activation), by the model's class:
+#: candidate globs in order (library versions rename modules), the first that names a module of the model is used.
+KNOWN_UNITS: dict[str, tuple[str, ...]] = {
+    # torchvision: EncoderBlock.mlp is an MLP (Sequential): 0 Linear, 1 GELU, 2 Dropout, 3 Linear, 4 Dropout
+    "torchvision.models.vision_transformer.VisionTransformer": ("encoder.layers.*.mlp.1",),
+    # timm: Mlp has fc1, act, drop1, norm, fc2, drop2
+    "timm.models.vision_transformer.VisionTransformer": ("blocks.*.mlp.act",),
+    # Hugging Face transformers (5.x names first, then 4.x)
+    "ViTForImageClassification": ("vit.layers.*.mlp.activation_fn", "vit.encoder.layer.*.intermediate.intermediate_act_fn"),
+    "ViTModel": ("layers.*.mlp.activation_fn", "encoder.layer.*.intermediate.intermediate_act_fn"),
+    "GPTNeoXForCausalLM": ("gpt_neox.layers.*.mlp.act",),
+    "GPTNeoXModel": ("layers.*.mlp.act",),
+}
+
+
+def default_units(model: nn.Module) -> tuple[str, ...] | None:
+    """The layer names or globs a study takes from ``model`` when it names none, or None for the general default (every Conv2d).
+
+    A model states its own with a ``default_units`` attribute (the built-in
+    ViT: its MLP hidden units, ``blocks.*.mlp.act``). Known transformer
+    families (:data:`KNOWN_UNITS`: torchvision's and timm's ViT, Hugging Face
+    ViT and GPT-NeoX) default to their MLP hidden units too.
+    """
+    units = getattr(model, "default_units", None)
+    if isinstance(units, str):
+        units = (units,)
+    if units:
+        return tuple(units)
+    import fnmatch
+
+    names = [n for n, _ in model.named_modules() if n]
+    for cls in type(model).__mro__:
+        for key in (f"{cls.__module__}.{cls.__qualname__}", cls.__qualname__):
+            for glob in KNOWN_UNITS.get(key, ()):
+                if fnmatch.filter(names, glob):
+                    return (glob,)
+    return None
 
 
 def build_model(arch: str, in_channels: int = 1, num_classes: int = 10, seed: int | None = None,
@@ -144,6 +194,13 @@ def _build(arch: str, in_channels: int, num_classes: int, import_path=None, **op
         raise ConceptEvoError(f"arch must be a name such as 'vgg_like', 'tv:resnet18' or 'package.module:function', got {arch!r}")
     if arch in ARCHITECTURES:
         return ARCHITECTURES[arch](in_channels=in_channels, num_classes=num_classes, **options)
+    if arch.startswith("hf:"):
+        from .hf import build_from_config
+
+        return build_from_config(arch[3:], in_channels=in_channels, num_classes=num_classes, import_path=import_path,
+                                 **options)
+    if arch.startswith("timm:"):
+        return _timm_model(arch.split(":", 1)[1], in_channels, num_classes, **options)
     if arch.startswith("tv:") or arch.startswith("torchvision:"):
         return _torchvision_model(arch.split(":", 1)[1], in_channels, num_classes, **options)
     if ":" in arch:
@@ -153,7 +210,8 @@ def _build(arch: str, in_channels: int, num_classes: int, import_path=None, **op
             return _call_factory(fn, arch, dict(in_channels=in_channels, num_classes=num_classes), options)
     raise ConceptEvoError(
         f"unknown architecture {arch!r}.{suggest(arch, ARCHITECTURES)} Built in: {', '.join(ARCHITECTURES)}; "
-        "also 'tv:NAME' for torchvision models or 'package.module:function' for your own"
+        "also 'tv:NAME' for torchvision models, 'timm:NAME' for timm models, 'hf:FOLDER' for a saved folder's config.json (Hugging Face) or "
+        "'package.module:function' for your own"
     )
 
 
@@ -239,6 +297,19 @@ def _call_factory(fn, arch: str, given: dict, options: dict) -> nn.Module:
         raise ConceptEvoError(f"the model factory {arch!r} returned a {type(model).__name__}, not a torch.nn.Module; "
                               "it must build and return the model")
     return model
+
+
+def _timm_model(name: str, in_channels: int, num_classes: int, **options) -> nn.Module:
+    """A timm model by name, randomly initialised (``pretrained=False``: nothing is downloaded)."""
+    try:
+        import timm
+    except Exception as e:  # ImportError or a broken install
+        raise ConceptEvoError(f"timm model {name!r} needs the 'timm' package ({e}); install the 'timm' extra: "
+                              "pip install 'conceptevo[timm]' (or pip install timm)") from None
+    names = timm.list_models()
+    if name not in names:
+        raise ConceptEvoError(f"timm has no model {name!r}.{suggest(name, names)}")
+    return timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_channels, **options)
 
 
 def _torchvision_model(name: str, in_channels: int, num_classes: int, **options) -> nn.Module:
