@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from ..errors import ConceptEvoError, suggest
+from .lm import gpt_neox_tiny, lm_tiny
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +114,9 @@ ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
     "vgg_like": vgg_like,
     "vgg_like_nodropout": vgg_like_nodropout,
     "resnet_like": resnet_like,
+    # language models (conceptevo.models.lm): they take vocab_size=, not in_channels/num_classes
+    "lm_tiny": lm_tiny,
+    "gpt_neox_tiny": gpt_neox_tiny,
 }
 
 
