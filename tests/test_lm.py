@@ -146,3 +146,15 @@ def test_gpt_neox_tiny_saves_and_loads_offline(tmp_path, monkeypatch):
     with torch.no_grad():
         assert torch.allclose(lm_logits(back, ids), lm_logits(m.eval(), ids), atol=1e-5)
     assert len(log["loss"]) == 4
+
+
+def test_train_text_on_the_generated_corpus(tmp_path):
+    from conceptevo.models.train_lm import train_text
+
+    log = train_text(tmp_path / "run", corpus="generated", context=16, d_model=16, n_layers=1, n_heads=2,
+                     steps=3, every=3, batch_size=4, seed=1)
+    assert log["arch"] == "lm_tiny" and log["corpus"] == "generated" and log["checkpoints"] == [0, 1, 2, 3]
+    m = load_lm_folder(tmp_path / "run" / "step3")
+    assert m.hparams["d_model"] == 16 and m.hparams["context"] == 16
+    with pytest.raises(ConceptEvoError, match="does not exist"):
+        train_text(tmp_path / "r2", corpus=str(tmp_path / "nope"), steps=1)

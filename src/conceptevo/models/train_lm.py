@@ -162,7 +162,7 @@ def step_folders(run: str | os.PathLike) -> list[tuple[int, Path]]:
 def train_lm(model: nn.Module, windows, out: str | os.PathLike, steps: int = 1000, every: int = 100,
              batch_size: int = 32, lr: float = 3e-3, weight_decay: float = 0.1, warmup: int = 20,
              seed: int = 0, tokenizer=None, device: str | torch.device = "cpu", log_until: int = LOG_SPACED_UNTIL,
-             grad_clip: float | None = 1.0) -> dict:
+             grad_clip: float | None = 1.0, meta: dict | None = None) -> dict:
     """Train ``model`` on random batches of ``windows`` (a :class:`~conceptevo.data.text.TextWindows`) with AdamW.
 
     The learning rate warms up linearly over ``warmup`` steps, then decays
@@ -170,7 +170,8 @@ def train_lm(model: nn.Module, windows, out: str | os.PathLike, steps: int = 100
     every)`` (step ``N`` = the weights after ``N`` updates) go to ``out/stepN``;
     the tokenizer (``windows.tokenizer`` unless given) to ``out/tokenizer.json``;
     the per-step loss to ``out/train_log.json``, rewritten at every checkpoint.
-    Batches are drawn from a generator seeded with ``seed``. Returns the log.
+    Batches are drawn from a generator seeded with ``seed``. ``meta`` (JSON)
+    is recorded in the log as it is. Returns the log.
     """
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
         raise ConceptEvoError(f"steps={steps!r} must be a non-negative integer")
@@ -199,7 +200,7 @@ def train_lm(model: nn.Module, windows, out: str | os.PathLike, steps: int = 100
     losses: list[float] = []
     log_obj = {"steps": steps, "every": every, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay,
                "warmup": warmup, "seed": seed, "context": getattr(windows, "context", None),
-               "checkpoints": [], "loss": losses}
+               **(meta or {}), "checkpoints": [], "loss": losses}
     todo = list(schedule)
     t0 = time.perf_counter()
     train_time = 0.0
@@ -234,6 +235,47 @@ def train_lm(model: nn.Module, windows, out: str | os.PathLike, steps: int = 100
     log_obj["wall_seconds"] = round(time.perf_counter() - t0, 3)
     _write_json(out / "train_log.json", log_obj)
     return log_obj
+
+
+#: Defaults for a demo run of lm_tiny on Shakespeare (115k parameters, 5.06M characters, 85-character
+#: vocabulary): 21 checkpoints. Measured: 2000 steps in 202 s (10 steps/s) with torch.set_num_threads(1) on a
+#: 2-core machine at load average 8; train loss 4.44 -> 1.77 nats per character.
+DEMO_DEFAULTS = dict(context=64, d_model=64, n_layers=2, n_heads=4, steps=2000, every=200, batch_size=32, lr=3e-3)
+
+
+def open_corpus(corpus: str, tokenizer="char", context: int = 64, stride: int | None = None):
+    """Windows of a named corpus: ``"shakespeare"`` (the ``shakespeare`` package), ``"generated"`` (:func:`generated_text`), or a file/folder."""
+    from ..data import text as tx
+
+    if corpus == "shakespeare":
+        return tx.shakespeare_windows(tokenizer, context, stride)
+    if corpus == "generated":
+        tk = tx.make_tokenizer(tokenizer, [tx.generated_text(20000)])
+        toks = tk.encode_array(tx.generated_text(20000))
+        return tx.TextWindows(toks, context, stride, tokenizer=tk, name="generated")
+    return tx.open_text(corpus, tokenizer, context, stride)
+
+
+def train_text(out: str | os.PathLike, corpus: str = "shakespeare", arch: str = "lm_tiny", tokenizer="char",
+               seed: int = 0, model_options: dict | None = None, **train_options) -> dict:
+    """Build ``arch`` (``lm_tiny`` or ``gpt_neox_tiny``) for ``corpus``'s tokenizer and train it with checkpoints in ``out``.
+
+    Unset options take :data:`DEMO_DEFAULTS`. The model's initial weights
+    come from ``seed`` (so do the batches). Returns the training log.
+    """
+    from .zoo import build_model
+
+    opts = {**DEMO_DEFAULTS, **train_options}
+    context = opts.pop("context")
+    mopts = {k: opts.pop(k) for k in ("d_model", "n_layers", "n_heads") if k in opts}
+    if arch != "lm_tiny":
+        mopts = {}
+    mopts.update(model_options or {})
+    windows = open_corpus(corpus, tokenizer, context)
+    model = build_model(arch, vocab_size=windows.tokenizer.vocab_size, context=context, seed=seed, **mopts)
+    meta = {"arch": arch, "corpus": corpus, "tokenizer": getattr(windows.tokenizer, "kind", str(tokenizer)),
+            "model_options": mopts}
+    return train_lm(model, windows, out, seed=seed, meta=meta, **opts)
 
 
 def run_losses(run: str | os.PathLike) -> Sequence[float]:
