@@ -62,7 +62,7 @@ def test_importance_on_branching_model(tiny_data):
 
 @pytest.mark.parametrize("name", ["vgg16", "vgg19", "resnet50", "inception_v3", "convnext_tiny"])
 def test_torchvision_architectures(name):
-    tv = pytest.importorskip("torchvision", reason="torchvision is optional (the 'vision' extra)")
+    pytest.importorskip("torchvision", reason="torchvision is optional (the 'vision' extra)")
     from conceptevo import build_model
 
     m = build_model(f"tv:{name}", in_channels=3, num_classes=5).eval()
@@ -71,4 +71,5 @@ def test_torchvision_architectures(name):
     ds = torch.utils.data.TensorDataset(x, torch.zeros(12, dtype=torch.long))
     s = find_stimuli(m, ds, k=3, batch_size=6, progress=False)
     assert len(s) == sum(mod.out_channels for mod in m.modules() if isinstance(mod, nn.Conv2d))
-    assert tv is not None
+    assert s.indices.shape == (len(s), 3) and (np.asarray(s.indices) < 12).all()
+    assert np.isfinite(s.values).all() and (np.diff(np.asarray(s.values), axis=1) <= 0).all()

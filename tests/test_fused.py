@@ -37,6 +37,18 @@ CHECK = textwrap.dedent('''
                     assert torch.equal(v, rv), (target, dtype, channels_last, shape)
                     assert torch.equal(p, rp), (target, dtype, channels_last, shape)
                     cases += 1
+    # token-shaped units [B, T, C] (channel last), viewed as maps: a reduction over the strided token axis
+    for dtype in (torch.float32, torch.bfloat16):
+        for shape in [(2, 50, 96), (3, 7, 5), (1, 1, 12), (4, 197, 33)]:
+            t = torch.randn(shape).to(dtype)
+            t[0, :, 0] = 0.25                                  # a constant token map: token 0
+            t[-1, 3 % shape[1], -1] = 7.0; t[-1, -1, -1] = 7.0  # a tie: the earlier token
+            m = _fused.as_maps(t)
+            assert m.data_ptr() == t.data_ptr() and m.shape == (shape[0], shape[2], shape[1], 1)
+            v, p = _fused.max_argmax(m)
+            rv, rp = t.float().max(dim=1)
+            assert torch.equal(v, rv) and torch.equal(p, rp), (dtype, shape)
+            cases += 1
     x = torch.randn(2, 4, 6, 6)
     x[1, 2, 3, 3] = float("nan")
     for t in (x, x.contiguous(memory_format=torch.channels_last)):
@@ -51,4 +63,4 @@ def test_fused_max_argmax_equals_torch():
     env = dict(os.environ, TRITON_INTERPRET="1")
     r = subprocess.run([sys.executable, "-c", CHECK], env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "cases 60" in r.stdout
+    assert "cases 68" in r.stdout

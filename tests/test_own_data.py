@@ -293,7 +293,7 @@ def test_accuracy_is_printed_and_recorded(study):
     assert f"own step60: top-1 {rec['top1']:.3f} on 120 pool images (chance 0.250)" in Workspace(ws.path).summary()
 
 
-def test_allow_chance_on_the_command_line_and_in_the_config(own, tmp_path, monkeypatch):
+def test_allow_chance_on_the_command_line_and_in_the_config(own, tmp_path, monkeypatch, capsys):
     from conceptevo.cli import main
 
     _stop_before_passes(monkeypatch)
@@ -302,6 +302,7 @@ def test_allow_chance_on_the_command_line_and_in_the_config(own, tmp_path, monke
         f'classes = {json.dumps(MODEL_ORDER)}\n[[models]]\nname = "own"\narch = "test_own_data:own_net"\n'
         f'checkpoints = "{own["root"] / "ck"}"\n')
     assert main(["run", str(tmp_path / "study.toml"), "--no-progress"]) == 2  # at chance: a one-line error
+    assert "--allow-chance" in capsys.readouterr().err
     with pytest.raises(_Stop):
         main(["run", str(tmp_path / "study.toml"), "--no-progress", "--allow-chance"])
     c = config(own, tmp_path / "ws2", mean=None, std=None)

@@ -133,16 +133,20 @@ def test_importance_and_evaluation_commands(study, capsys):
     assert "evaluation/res" in Workspace(ws.path).manifest["stages"]
     # bad input: the same checkpoint twice, an unknown class
     assert main(["importance", str(ws.path), "--model", "vgg", "--from", "e1", "--to", "e1", "--class", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "e1" in err and "error" in err.lower()
     assert main(["importance", str(ws.path), "--model", "vgg", "--from", "e0.5", "--to", "e1", "--class", "99"]) == 2
+    assert "99" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the no-GPU error")
-def test_cuda_without_gpu_is_a_clear_error(tmp_path, runs):
+def test_cuda_without_gpu_is_a_clear_error(tmp_path, runs, capsys):
     from conceptevo.cli import main
 
     with pytest.raises(ConceptEvoError, match="no CUDA GPU"):
         run_study(config(tmp_path / "s", runs, stimuli=StimuliConfig(k=5, device="cuda")), progress=False)
     assert main(["demo", "--quick", "--device", "cuda", "--out", str(tmp_path / "d")]) == 2
+    assert "no CUDA GPU" in capsys.readouterr().err
 
 
 def test_manifest_records_why_the_embedding_stopped_and_how_the_images_fit(study):
@@ -155,7 +159,7 @@ def test_manifest_records_why_the_embedding_stopped_and_how_the_images_fit(study
     assert "image embedding: " in Workspace(ws.path).summary()
 
 
-def test_choose_base_measures_and_recommends(study):
+def test_choose_base_measures_and_recommends(study, capsys):
     from conceptevo.alignment.coherence import dataset_concepts, dominant_concepts
     from conceptevo.basechoice import choose_base
     from conceptevo.cli import main
@@ -189,8 +193,11 @@ def test_choose_base_measures_and_recommends(study):
     assert choice.candidates[0].purity == pytest.approx(np.mean(choice.candidates[0].purity_seeds))
     assert 0 < choice.candidates[0].seed_agreement <= 1 and 0 < choice.candidates[0].agreement <= 1
     assert choice.recommended in ("vgg e1", "res e1") and len(choice.reasons) == 3
+    capsys.readouterr()
     assert main(["choose-base", str(ws.path), "--candidates", "vgg:e1", "--no-progress"]) == 2   # one candidate
+    assert "at least two different candidates" in capsys.readouterr().err
     assert main(["choose-base", str(ws.path), "--candidates", "vgg:e9", "res:e1", "--no-progress"]) == 2
+    assert "e9" in capsys.readouterr().err
 
 
 def test_base_recommendation_rule():

@@ -14,7 +14,7 @@ _EXPORTS = {
     "Stimuli": ".stimuli", "find_stimuli": ".stimuli", "top_responses": ".stimuli",
     "NeuronEmbedding": ".embedding", "embed_neurons": ".embedding",
     "ImageEmbedding": ".embedding", "embed_images": ".embedding",
-    "project": ".projection", "fit_layout": ".projection",
+    "project": ".projection", "fit_layout": ".projection", "UnifiedSpace": ".projection",
     "Workspace": ".workspace",
     "make_figures": ".report", "explore": ".explorer", "export_site": ".explorer",
     "load_checkpoint": ".models", "build_model": ".models", "list_checkpoints": ".models",

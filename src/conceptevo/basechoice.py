@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 
@@ -147,10 +147,9 @@ def choose_base(workspace, candidates=None, seed: int = 0, queries: int = QUERIE
     """
     from .alignment.coherence import dataset_concepts, dominant_concepts
     from .config import DataConfig, EmbeddingConfig
-    from .embedding import embed_images, embed_neurons
     from .embedding.neurons import nearest_neighbors, neighbor_jaccard
     from .pipeline import load_model, study_pool
-    from .projection import project
+    from .projection import UnifiedSpace
     from .stimuli import top_responses
     from .workspace import Workspace
 
@@ -180,8 +179,6 @@ def choose_base(workspace, candidates=None, seed: int = 0, queries: int = QUERIE
                               "measured on these stimuli (more checkpoints or a larger k would help)")
 
     ep = EmbeddingConfig(**config.get("embedding", {}))
-    params = asdict(ep)
-    params.pop("seed")
     num_images = int(ws.manifest.get("data", {}).get("num_images") or len(full))
     models = ws.manifest.get("models", {})
 
@@ -196,9 +193,8 @@ def choose_base(workspace, candidates=None, seed: int = 0, queries: int = QUERIE
                              device=device, progress=progress, num_images=num_images)
         runs = []
         for s in (ep.seed, ep.seed + 1):
-            emb = embed_neurons(base, seed=s, progress=progress, **params)
-            img = embed_images(base, emb, num_images=num_images, responses=resp)
-            runs.append((emb, np.concatenate([project(stimuli[mt], img).vectors for mt in every])))
+            space = UnifiedSpace.from_config(replace(ep, seed=s), progress=progress).fit(base, resp, num_images=num_images)
+            runs.append((space.neuron_embedding_, np.concatenate([space.transform(stimuli[mt]).vectors for mt in every])))
         emb, vectors = runs[0]
         if not np.isfinite(vectors).all():
             raise ConceptEvoError(f"some neurons have no stimulus image and no place in the space of {model} {tag}")

@@ -50,6 +50,31 @@ class StorageError(ConceptEvoError):
     """A write failed for lack of space (or quota); nothing half-written was kept."""
 
 
+class NonFiniteActivationError(ConceptEvoError):
+    """A layer produced NaN or Inf activations; ``.layer`` names it."""
+
+    def __init__(self, layer: str):
+        self.layer = layer
+        super().__init__(f"layer {layer!r} produced NaN or Inf activations; check the checkpoint's weights and the input scaling")
+
+    def __reduce__(self):  # picklable (raised in worker processes too)
+        return (type(self), (self.layer,))
+
+
+class ModelInputError(ConceptEvoError):
+    """The study's images cannot go through the model (wrong channels or size)."""
+
+    def __init__(self, image_shape, model_name: str, cause: BaseException | str):
+        self.image_shape = [int(s) for s in image_shape]
+        self.model_name = model_name
+        self.cause = str(cause).splitlines()[0][:160] if str(cause) else type(cause).__name__
+        super().__init__(f"images of shape {self.image_shape} cannot go through {model_name} ({self.cause}); "
+                         "give images with the channels and size the model was built for")
+
+    def __reduce__(self):
+        return (type(self), (self.image_shape, self.model_name, self.cause))
+
+
 def suggest(name: str, options, n: int = 3) -> str:
     """' Did you mean X?' when a near match exists, else ''."""
     close = difflib.get_close_matches(str(name), [str(o) for o in options], n=n, cutoff=0.5)
@@ -119,7 +144,11 @@ def check_memory(nbytes: float, what: str, fix: str) -> None:
 
 
 def check_device(device) -> str:
-    """The device string, or a clear error when it names a GPU this machine does not have."""
+    """The device string, or a clear error when it names a GPU this machine does not have.
+
+    The one check that a device exists; :func:`conceptevo.hooks.check_model_device` adds the check
+    that a model's weights are on it.
+    """
     import torch
 
     name = str(device)

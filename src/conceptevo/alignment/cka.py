@@ -28,7 +28,9 @@ import torch
 
 from ..data.loader import iter_batches
 from ..errors import ConceptEvoError
-from ..layers import capture, resolve_layers
+from ..hooks import capture, eval_mode
+from ..layers import resolve_layers
+from ..units import rows_by_layer, strength
 
 
 def linear_cka(X, Y) -> float:
@@ -50,20 +52,15 @@ def linear_cka(X, Y) -> float:
 def layer_responses(model, dataset, layers=None, positions=None, batch_size: int = 256, device="cpu") -> dict[str, np.ndarray]:
     """Per layer, every neuron's strength (max over its activation map) on the images: ``[n, C]`` float64."""
     names = resolve_layers(model, layers)
-    was = model.training
-    model.eval()
     out: dict[str, list] = {n: [] for n in names}
-    try:
-        reduce = lambda name, o: (o.flatten(2).amax(2) if o.dim() > 2 else o).double().cpu()  # noqa: E731
-        with capture(model, names, reduce) as got:
-            for images, _, _ in iter_batches(dataset, batch_size, positions=positions):
-                got.clear()
-                model(images.to(device))
-                got.require_all()
-                for n in names:
-                    out[n].append(got[n].numpy())
-    finally:
-        model.train(was)
+    reduce = lambda name, o: strength(o).double().cpu()  # noqa: E731
+    with eval_mode(model), capture(model, names, reduce) as got:
+        for images, _, _ in iter_batches(dataset, batch_size, positions=positions):
+            got.clear()
+            model(images.to(device))
+            got.require_all()
+            for n in names:
+                out[n].append(got[n].numpy())
     return {n: np.concatenate(v) for n, v in out.items()}
 
 
@@ -73,9 +70,7 @@ def cka_matrix(resp_a: dict[str, np.ndarray], resp_b: dict[str, np.ndarray]) -> 
 
 
 def _by_layer(ids, vectors) -> dict[str, np.ndarray]:
-    out: dict[str, list[int]] = {}
-    for i, nid in enumerate(ids):
-        out.setdefault(str(nid).rpartition(":")[0], []).append(i)
+    out = rows_by_layer(ids)
     v = np.asarray(vectors, dtype=np.float64)
     return {layer: v[rows][np.isfinite(v[rows]).all(axis=1)] for layer, rows in out.items()}
 

@@ -154,10 +154,7 @@ def _num(x):
 
 def plot_diagnosis(diag: Diagnosis, folder) -> list[Path]:
     """diversity.png, speed.png, collapse.png: each metric per checkpoint (solid) with training accuracy (dotted)."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # a Figure object, not pyplot: the user's backend stays as it is
 
     folder = Path(folder)
     out = []
@@ -165,7 +162,8 @@ def plot_diagnosis(diag: Diagnosis, folder) -> list[Path]:
             "speed": ("mean distance moved since previous checkpoint", lambda c: c.moved.get(ALL)),
             "collapse": ("share of collapsed neurons", lambda c: c.collapse.get(ALL))}
     for name, (label, get) in what.items():
-        fig, ax = plt.subplots(figsize=(6.4, 3.8))
+        fig = Figure(figsize=(6.4, 3.8))
+        ax = fig.add_subplot()
         ax2 = ax.twinx()
         for i, (m, cs) in enumerate(diag.checkpoints.items()):
             x = [c.epoch if c.epoch is not None else j for j, c in enumerate(cs)]
@@ -182,7 +180,6 @@ def plot_diagnosis(diag: Diagnosis, folder) -> list[Path]:
         ax.set_title(f"{name} per checkpoint, beside training accuracy", fontsize=10)
         fig.tight_layout()
         out += save_figure(fig, folder / f"{name}.png", dpi=120)
-        plt.close(fig)
     return out
 
 

@@ -36,6 +36,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from ..errors import ConceptEvoError
+from ..units import layer_of, rows_by_layer
 from .entropy import METHODS, mean_entropy
 
 log = logging.getLogger(__name__)
@@ -46,20 +47,9 @@ ALL = "all"  # key of the whole-checkpoint value in per-layer dicts
 # ---------------------------------------------------------------------------------------------
 # helpers
 # ---------------------------------------------------------------------------------------------
-def layer_of(neuron_id: str) -> str:
-    """``"features.3:12"`` -> ``"features.3"``."""
-    layer, sep, _ = str(neuron_id).rpartition(":")
-    if not sep:
-        raise ConceptEvoError(f"malformed neuron id {neuron_id!r}: expected 'module.path:channel'")
-    return layer
-
-
 def layer_groups(neuron_ids: Sequence[str]) -> dict[str, np.ndarray]:
     """Layer name -> row positions of its neurons, layers in order of first appearance."""
-    out: dict[str, list[int]] = {}
-    for i, nid in enumerate(neuron_ids):
-        out.setdefault(layer_of(nid), []).append(i)
-    return {name: np.asarray(rows, dtype=np.int64) for name, rows in out.items()}
+    return {name: np.asarray(rows, dtype=np.int64) for name, rows in rows_by_layer(neuron_ids).items()}
 
 
 def _ids_vectors(embedding, vectors=None):
@@ -114,6 +104,14 @@ class Movement:
         return self.by_layer.get(ALL, float("nan"))
 
 
+def row_distances(before: np.ndarray, after: np.ndarray) -> np.ndarray:
+    """Euclidean distance between matching rows (neurons aligned already), in the arrays' own precision.
+
+    The one definition of "distance moved"; :func:`distance_moved` aligns neurons by id first.
+    """
+    return np.linalg.norm(np.asarray(after) - np.asarray(before), axis=1)
+
+
 def distance_moved(before, after, before_vectors=None, after_vectors=None) -> Movement:
     """Euclidean distance each neuron's vector moved from ``before`` to ``after``.
 
@@ -138,7 +136,7 @@ def distance_moved(before, after, before_vectors=None, after_vectors=None) -> Mo
             log.info("distance moved: %d neurons in common (%d and %d)", len(keep), len(ids_a), len(ids_b))
         ids = [ids_a[i] for i in keep]
         a, b = va[keep], vb[[pos[n] for n in ids]]
-    d = np.linalg.norm(b - a, axis=1)
+    d = row_distances(a, b)
     by = {ALL: _nanmean(d)}
     for layer, rows in layer_groups(ids).items():
         by[layer] = _nanmean(d[rows])
@@ -318,7 +316,7 @@ def _jsonable(obj):
 
 
 __all__ = [
-    "ALL", "layer_of", "layer_groups", "diversity", "diversity_by_layer", "Movement", "distance_moved",
+    "ALL", "layer_of", "layer_groups", "diversity", "diversity_by_layer", "Movement", "distance_moved", "row_distances",
     "milestone_speed", "Collapse", "collapse", "jaccard_matrix", "default_min_others", "CheckpointMetrics",
     "checkpoint_metrics",
 ]

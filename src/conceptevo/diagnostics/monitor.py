@@ -47,7 +47,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import ConceptEvoError, check_positive
+from ..errors import ConceptEvoError, NonFiniteActivationError, check_positive
+from ..hooks import eval_mode, model_device
 from ..io import write_json
 from .metrics import ALL, _jsonable, collapse, distance_moved, diversity_by_layer
 
@@ -98,12 +99,6 @@ class MonitorRecord:
         return _jsonable(asdict(self))
 
 
-def _model_device(model: nn.Module):
-    for p in model.parameters():
-        return p.device
-    return torch.device("cpu")
-
-
 def _probe_indices(probe) -> np.ndarray:
     from ..data.loader import iter_batches
 
@@ -120,8 +115,9 @@ class ConceptMonitor:
         are images of ``image_embedding`` that have a vector (a subset of the
         base workspace's image pool; :func:`monitor_from_workspace` picks one).
         At least ``MIN_PROBE_PER_K * k`` images.
-    image_embedding : ImageEmbedding or float array [num_images, dim]
-        The base space's image vectors (``Workspace(path).image_embedding()``).
+    image_embedding : UnifiedSpace, ImageEmbedding or float array [num_images, dim]
+        The base space (a fitted :class:`conceptevo.projection.UnifiedSpace`) or its
+        image vectors (``Workspace(path).image_embedding()``).
     k : int
         Stimuli per neuron (paper: 10).
     layers : optional
@@ -163,14 +159,20 @@ class ConceptMonitor:
         for name, v in (("collapse_share", collapse_share), ("collapse_rise", collapse_rise), ("jaccard", jaccard)):
             if not 0 < float(v) <= 1:
                 raise ConceptEvoError(f"{name} must be in (0, 1], got {v!r}")
-        from ..embedding.images import ImageEmbedding
+        from ..containers import ImageEmbedding
+        from ..projection.space import UnifiedSpace
         from .entropy import METHODS
 
         if method not in METHODS:
             raise ConceptEvoError(f"method must be one of {', '.join(map(repr, METHODS))}, got {method!r}")
+        if isinstance(image_embedding, UnifiedSpace):
+            image_embedding = image_embedding.image_embedding_ if hasattr(image_embedding, "image_embedding_") else None
+            if image_embedding is None:
+                raise ConceptEvoError("the UnifiedSpace given as image_embedding is not fitted; fit it or load a saved one")
         V = image_embedding.vectors if isinstance(image_embedding, ImageEmbedding) else np.asarray(image_embedding)
         if V.ndim != 2:
-            raise ConceptEvoError(f"image_embedding must be an ImageEmbedding or a [num_images, dim] array, got shape {V.shape}")
+            raise ConceptEvoError(f"image_embedding must be a fitted UnifiedSpace, an ImageEmbedding or a "
+                                  f"[num_images, dim] array, got shape {V.shape}")
         n = len(probe)
         if n < MIN_PROBE_PER_K * k:
             raise ConceptEvoError(
@@ -241,15 +243,10 @@ class ConceptMonitor:
 
     # -- measuring --------------------------------------------------------------------------------
     def _measure(self, model, epoch, step, tag, metrics) -> MonitorRecord:
-        # Measuring switches the model to eval mode and back to the model's own mode, which would turn
-        # every submodule to that mode; keep each submodule's own (e.g. a BatchNorm frozen in eval mode
-        # while the rest trains, which Lightning respects) so training goes on as it was.
-        modes = [(m, m.training) for m in model.modules()]
-        try:
+        # Measured in eval mode; afterwards every submodule gets its own mode back (e.g. a BatchNorm
+        # frozen in eval mode while the rest trains, which Lightning respects) so training goes on as it was.
+        with eval_mode(model):
             return self._measure_now(model, epoch, step, tag, metrics)
-        finally:
-            for m, training in modes:
-                m.training = training
 
     def _measure_now(self, model, epoch, step, tag, metrics) -> MonitorRecord:
         from ..projection import project
@@ -257,7 +254,7 @@ class ConceptMonitor:
 
         t0 = time.perf_counter()
         i = len(self.records)
-        device = self.device if self.device is not None else _model_device(model)
+        device = self.device if self.device is not None else model_device(model)
         bad = [name for name, p in model.named_parameters() if not torch.isfinite(p).all()]
         stim = None
         if not bad:
@@ -265,10 +262,8 @@ class ConceptMonitor:
                 stim = find_stimuli(model, self.probe, k=self.k, layers=self.layers, batch_size=self.batch_size,
                                     device=device, progress=self.progress, num_images=self.num_images,
                                     desc="monitor stimuli")
-            except ConceptEvoError as e:
-                if "NaN or Inf" not in str(e):
-                    raise
-                bad = [str(e).split("'")[1]] if "'" in str(e) else ["activations"]
+            except NonFiniteActivationError as e:
+                bad = [e.layer]
         top1 = None
         if self.probe_accuracy and not bad:
             from ..models.train import accuracy

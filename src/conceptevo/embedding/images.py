@@ -62,100 +62,19 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import scipy.sparse as sp
 from tqdm.auto import tqdm
 
 from ..errors import ConceptEvoError, check_memory, check_positive
-from ..io import load_npy, read_json, save_npy, write_json
+from ..containers import ImageEmbedding
 from ._util import check_int, check_nonnegative, make_rng, stimuli_arrays
 from .pairs import check_indices, stimulus_memberships
 
 log = logging.getLogger(__name__)
 
 METHODS = ("lstsq", "gd")
-
-
-@dataclass
-class ImageEmbedding:
-    """Vectors of every image of the pool on the base semantic space.
-
-    Attributes
-    ----------
-    vectors : float32 [num_images, dim]
-        NaN rows for images that got no vector.
-    covered : bool [num_images]
-        Image is in some base neuron's stimuli (its vector solves J2).
-    rmse : float
-        Error per neuron, ``sqrt(2 * J2)`` = root of the mean squared distance
-        between a base neuron's learned vector and its stimuli's mean image
-        vector, at the solution (the paper's unit; see the module docstring).
-    indirect : bool [num_images]
-        Image got its vector from the indirect step (mean of its responsive
-        base neurons' vectors).
-    info : dict
-        Method, solver iterations, seconds, J2, ``relative_error``,
-        ``rmse_per_coordinate``, ``num_neurons``, ``num_covered``,
-        ``determined`` ("under" or "over": covered images >= base neurons or
-        not), parameters.
-    """
-
-    vectors: np.ndarray
-    covered: np.ndarray
-    rmse: float
-    indirect: np.ndarray | None = None
-    info: dict = field(default_factory=dict)
-
-    def __post_init__(self):
-        self.vectors = np.asarray(self.vectors, dtype=np.float32)
-        self.covered = np.asarray(self.covered, dtype=bool)
-        if self.vectors.ndim != 2 or self.covered.shape != (self.vectors.shape[0],):
-            raise ConceptEvoError(f"vectors must be [num_images, dim] and covered [num_images]; "
-                                  f"got {self.vectors.shape} and {self.covered.shape}")
-        if self.indirect is None:
-            self.indirect = np.zeros_like(self.covered)
-        self.indirect = np.asarray(self.indirect, dtype=bool)
-        self.rmse = float(self.rmse)
-
-    @property
-    def num_images(self) -> int:
-        return int(self.vectors.shape[0])
-
-    @property
-    def dim(self) -> int:
-        return int(self.vectors.shape[1])
-
-    @property
-    def has_vector(self) -> np.ndarray:
-        """bool [num_images]: the image has a (non-NaN) vector."""
-        return ~np.isnan(self.vectors).any(axis=1)
-
-    def save(self, folder) -> None:
-        """Write ``vectors.npy``, ``covered.npy``, ``indirect.npy`` and ``meta.json`` into ``folder``."""
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        save_npy(folder / "vectors.npy", self.vectors)
-        save_npy(folder / "covered.npy", self.covered)
-        save_npy(folder / "indirect.npy", self.indirect)
-        write_json(folder / "meta.json", {"rmse": self.rmse, "rmse_unit": "per neuron", "info": self.info})
-
-    @classmethod
-    def load(cls, folder, mmap: bool = False) -> "ImageEmbedding":
-        """Read what :meth:`save` wrote."""
-        folder = Path(folder)
-        if not (folder / "vectors.npy").exists():
-            raise ConceptEvoError(f"no image embedding in {folder} (vectors.npy missing); "
-                                  "run embed_images and save it there first")
-        meta = read_json(folder / "meta.json")
-        vectors = load_npy(folder / "vectors.npy", mmap=mmap)
-        rmse = meta["rmse"]
-        if meta.get("rmse_unit") != "per neuron":  # written before the error was per neuron: per coordinate
-            rmse = float(rmse) * np.sqrt(vectors.shape[1])
-        return cls(vectors, load_npy(folder / "covered.npy"), rmse, load_npy(folder / "indirect.npy"),
-                   meta.get("info", {}))
 
 
 def stimulus_matrix(indices):

@@ -37,16 +37,14 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 from numba import njit
 from tqdm.auto import tqdm
 
 from ..config import LR_SCHEDULES, EmbeddingConfig
-from ..errors import ConceptEvoError, check_memory, check_positive, suggest
-from ..io import load_npy, read_json, save_npy, write_json
+from ..errors import ConceptEvoError, check_memory, check_positive
+from ..containers import NeuronEmbedding
 from ._util import check_int, check_nonnegative, make_rng, stimuli_arrays
 from .pairs import _ImageGroups, check_indices, stimulus_memberships
 
@@ -60,104 +58,6 @@ DEFAULT_EPOCHS = EmbeddingConfig.epochs
 STOP_SAMPLE = 2000
 #: Nearest neighbours per neuron the early-stopping rule compares.
 STOP_NEIGHBORS = 10
-
-
-# --------------------------------------------------------------------------------------
-# Result container
-# --------------------------------------------------------------------------------------
-@dataclass
-class NeuronEmbedding:
-    """Vectors of neurons in a semantic space.
-
-    Attributes
-    ----------
-    neuron_ids : list[str]
-        Stable neuron ids (``"features.3:12"``), one per row of ``vectors``.
-    vectors : float32 [N, dim]
-        The neurons' vectors. Learned ones for the base checkpoint
-        (:func:`embed_neurons`), projected ones for others
-        (:func:`conceptevo.projection.project`).
-    j1_history : float64 [epochs_run] or None
-        Running J1 of each training epoch: the sum over that epoch's pairs of
-        each pair's objective term, evaluated just before the pair's update
-        (the usual "running loss"; divide by ``num_pairs`` for a per-pair value).
-        None for projected embeddings.
-    epochs_run : int
-        Epochs actually run (fewer than asked when early stopping fired).
-        ``config["stop_reason"]`` says why the run ended.
-    num_pairs : int
-        |D|, the number of co-activation pairs per epoch.
-    config : dict
-        The parameters that made it (for provenance).
-    """
-
-    neuron_ids: list[str]
-    vectors: np.ndarray
-    j1_history: np.ndarray | None = None
-    epochs_run: int = 0
-    num_pairs: int = 0
-    config: dict = field(default_factory=dict)
-
-    def __post_init__(self):
-        self.neuron_ids = [str(i) for i in self.neuron_ids]
-        self.vectors = np.asarray(self.vectors, dtype=np.float32)
-        if self.vectors.ndim != 2 or self.vectors.shape[0] != len(self.neuron_ids):
-            raise ConceptEvoError(f"vectors must be [len(neuron_ids)={len(self.neuron_ids)}, dim], "
-                                  f"got shape {self.vectors.shape}")
-        if self.j1_history is not None:
-            self.j1_history = np.asarray(self.j1_history, dtype=np.float64)
-        self._index: dict[str, int] | None = None
-
-    @property
-    def dim(self) -> int:
-        return int(self.vectors.shape[1])
-
-    def __len__(self) -> int:
-        return len(self.neuron_ids)
-
-    def index_of(self, neuron_id: str) -> int:
-        """Row of ``neuron_id`` in ``vectors``."""
-        if self._index is None or len(self._index) != len(self.neuron_ids):
-            self._index = {nid: i for i, nid in enumerate(self.neuron_ids)}
-        try:
-            return self._index[str(neuron_id)]
-        except KeyError:
-            raise ConceptEvoError(f"neuron {neuron_id!r} is not in this embedding."
-                                  + suggest(neuron_id, self.neuron_ids)) from None
-
-    def vector(self, neuron_id: str) -> np.ndarray:
-        """The vector of one neuron."""
-        return self.vectors[self.index_of(neuron_id)]
-
-    def save(self, folder) -> None:
-        """Write ``vectors.npy``, ``neuron_ids.json`` and ``meta.json`` (history, config) into ``folder``."""
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        save_npy(folder / "vectors.npy", self.vectors)
-        write_json(folder / "neuron_ids.json", self.neuron_ids)
-        write_json(folder / "meta.json", {
-            "epochs_run": int(self.epochs_run),
-            "num_pairs": int(self.num_pairs),
-            "j1_history": None if self.j1_history is None else [float(v) for v in self.j1_history],
-            "config": self.config,
-        })
-
-    @classmethod
-    def load(cls, folder, mmap: bool = False) -> "NeuronEmbedding":
-        """Read what :meth:`save` wrote."""
-        folder = Path(folder)
-        if not (folder / "vectors.npy").exists():
-            raise ConceptEvoError(f"no neuron embedding in {folder} (vectors.npy missing); "
-                                  "run embed_neurons and save it there first")
-        meta = read_json(folder / "meta.json") if (folder / "meta.json").exists() else {}
-        return cls(
-            neuron_ids=read_json(folder / "neuron_ids.json"),
-            vectors=load_npy(folder / "vectors.npy", mmap=mmap),
-            j1_history=meta.get("j1_history"),
-            epochs_run=int(meta.get("epochs_run", 0)),
-            num_pairs=int(meta.get("num_pairs", 0)),
-            config=meta.get("config", {}),
-        )
 
 
 # --------------------------------------------------------------------------------------

@@ -45,6 +45,7 @@ import numpy as np
 
 from ..errors import ConceptEvoError, FileAccessError
 from ..records import is_valid_name
+from ..units import layer_of, split_neuron_id
 from .data import FILE_ROOTS, KEY_RE, ExplorerData, manifest_signature
 from .pool import BoundedHTTPServer, OneRequestHandler
 
@@ -346,8 +347,6 @@ class ExplorerHandler(OneRequestHandler):
             raise BadRequest(f"unknown parameter(s) {', '.join(map(repr, extra))}; expected {', '.join(allowed) or 'none'}")
 
     def _target(self, q: dict, needed, optional=()) -> tuple[str, str, int]:
-        from ..layers import split_neuron_id
-
         self._only(q, tuple(needed) + tuple(optional))
         for name in needed:
             if not q.get(name):
@@ -382,7 +381,7 @@ class ExplorerHandler(OneRequestHandler):
         xy = d.layouts.get((model, tag))
         moved = d.moved.get((model, tag))
         groups = d.groups.get((model, tag))
-        out = {"model": model, "tag": tag, "id": q["id"], "row": row, "layer": q["id"].rpartition(":")[0],
+        out = {"model": model, "tag": tag, "id": q["id"], "row": row, "layer": layer_of(q["id"]),
                "xy": [fin(xy[row, 0]), fin(xy[row, 1])] if xy is not None else None,
                "moved": fin(moved[row]) if moved is not None else None,
                "group": int(groups[row]) if groups is not None else None,

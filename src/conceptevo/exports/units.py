@@ -23,6 +23,7 @@ from typing import Iterator
 import numpy as np
 
 from ..errors import ConceptEvoError
+from ..units import layers_of, split_neuron_id
 
 log = logging.getLogger(__name__)
 
@@ -49,11 +50,11 @@ class CheckpointUnits:
 
     @property
     def layers(self) -> list[str]:
-        return [nid.rpartition(":")[0] for nid in self.ids]
+        return layers_of(self.ids)
 
     @property
     def channels(self) -> list[str]:
-        return [nid.rpartition(":")[2] for nid in self.ids]
+        return [str(split_neuron_id(nid)[1]) for nid in self.ids]
 
 
 class StimulusLabels:

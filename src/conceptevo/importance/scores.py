@@ -36,21 +36,18 @@ from ..data.base import indexed
 from ..data.loader import iter_batches
 from ..errors import ConceptEvoError, check_positive
 from ..io import atomic_path
-from ..layers import capture, neuron_id, split_neuron_id
+from ..hooks import capture, check_model_device, eval_mode, replace_outputs
+from ..units import neuron_id, split_neuron_id
 from ._common import (
     check_class,
     class_label,
-    check_device,
     check_distinct,
     check_shapes,
-    eval_mode,
     explicit_positions,
     full_precision,
     labels_of,
     matching_layers,
     model_dtype,
-    replace_outputs,
-    require_once,
     run_model,
     sample_positions,
 )
@@ -224,7 +221,7 @@ def batch_sensitivities(model_from: nn.Module, model_to: nn.Module, layers: Sequ
     taps: dict[str, torch.Tensor] = {}
     with torch.enable_grad(), replace_outputs(model_from, {n: _tap(taps, n) for n in layers}) as calls:
         logits = run_model(model_from, x, first)
-        require_once(calls)
+        calls.require_once()
         if not 0 <= class_index < logits.shape[1]:
             raise ConceptEvoError(
                 f"class index {class_index} is out of range for a model with {logits.shape[1]} outputs; pick 0..{logits.shape[1] - 1}"
@@ -293,8 +290,8 @@ def evolution_importance(model_from: nn.Module, model_to: nn.Module, dataset, cl
     check_positive("batch_size", batch_size, integer=True)
     check_distinct(model_from, model_to)
     names = matching_layers(model_from, model_to, layers)
-    dev = check_device(model_from, device, "model_from")
-    check_device(model_to, device, "model_to")
+    dev = check_model_device(model_from, device, "model_from")
+    check_model_device(model_to, device, "model_to")
     dataset = indexed(dataset)
     labels = labels_of(dataset)
     class_pos = check_class(dataset, class_index, labels)

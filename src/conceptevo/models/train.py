@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from ..data.loader import iter_batches
 from ..errors import ConceptEvoError, check_device, check_positive
+from ..hooks import eval_mode, train_mode
 from .checkpoints import Checkpoint, epoch_tag, save_checkpoint, write_index
 
 log = logging.getLogger(__name__)
@@ -53,17 +54,15 @@ class TrainConfig:
 @torch.no_grad()
 def accuracy(model: nn.Module, dataset, positions=None, batch_size: int = 512, device="cpu") -> dict:
     """Top-1 and top-5 accuracy (fractions) of ``model`` on ``dataset`` (or some positions of it)."""
-    was = model.training
-    model.eval()
     hit1 = hit5 = n = 0
-    for images, labels, _ in iter_batches(dataset, batch_size, positions=positions):
-        logits = model(images.to(device))
-        labels = labels.to(device)
-        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
-        hit1 += int((top[:, 0] == labels).sum())
-        hit5 += int((top == labels[:, None]).any(dim=1).sum())
-        n += len(labels)
-    model.train(was)
+    with eval_mode(model):
+        for images, labels, _ in iter_batches(dataset, batch_size, positions=positions):
+            logits = model(images.to(device))
+            labels = labels.to(device)
+            top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+            hit1 += int((top[:, 0] == labels).sum())
+            hit5 += int((top == labels[:, None]).any(dim=1).sum())
+            n += len(labels)
     return {"top1": hit1 / max(n, 1), "top5": hit5 / max(n, 1)}
 
 
@@ -81,17 +80,17 @@ def recalibrate_batchnorm(model: nn.Module, dataset, positions, batch_size: int 
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
     if not bns:
         return
-    was = model.training
     momenta = [bn.momentum for bn in bns]
     for bn in bns:
         bn.reset_running_stats()
         bn.momentum = None  # cumulative average
-    model.train()
-    for images, _, _ in iter_batches(dataset, batch_size, positions=positions):
-        model(images.to(device))
-    for bn, mom in zip(bns, momenta):
-        bn.momentum = mom
-    model.train(was)
+    try:
+        with train_mode(model):
+            for images, _, _ in iter_batches(dataset, batch_size, positions=positions):
+                model(images.to(device))
+    finally:
+        for bn, mom in zip(bns, momenta):
+            bn.momentum = mom
 
 
 def train(model: nn.Module, train_set, test_set, out_dir, config: TrainConfig = TrainConfig(), progress: bool = True,

@@ -3,72 +3,25 @@
 Every neuron, of the base checkpoint or any other, is placed at the mean of its
 stimulus images' vectors: ``v_n = mean_{x in X_n} v_x``. Projecting the base
 checkpoint itself and comparing with its learned vectors (:func:`fidelity`)
-measures how faithful the space is. :func:`fit_layout` gives all checkpoints one
+measures how faithful the space is. :class:`UnifiedSpace` is the whole space as
+one estimator (``fit`` on the base stimuli, ``transform`` any checkpoint's,
+``save``/``load``). :func:`fit_layout` gives all checkpoints one
 shared 2-D frame (UMAP fitted on the base embedding, ``transform`` for the rest).
 """
 from __future__ import annotations
 
-import logging
 import types
 
 import numpy as np
 
+from ..containers import NeuronEmbedding
 from ..embedding._util import stimuli_arrays
-from ..embedding.images import ImageEmbedding, stimulus_matrix
-from ..embedding.neurons import NeuronEmbedding
+from ..embedding.images import embed_images
 from ..embedding.pairs import check_indices
 from ..errors import ConceptEvoError
 from .layout import Layout2D, fit_layout
+from .space import UnifiedSpace, project
 
-log = logging.getLogger(__name__)
-
-
-def _few(values, n: int = 5) -> str:
-    values = [int(v) for v in values]
-    text = ", ".join(map(str, values[:n]))
-    return text + (f" (and {len(values) - n} more)" if len(values) > n else "")
-
-
-def project(stimuli, image_embedding) -> NeuronEmbedding:
-    """Vectors of ``stimuli``' neurons: the mean of their stimulus images' vectors (Eq 2).
-
-    Parameters
-    ----------
-    stimuli : Stimuli
-        Any checkpoint's stimuli over the same image pool as the base.
-    image_embedding : ImageEmbedding or float array [num_images, dim]
-        Image vectors from :func:`conceptevo.embedding.embed_images`.
-
-    Each image counts once per neuron; negative indices (padding) are skipped;
-    a neuron without any stimulus image gets a NaN vector (logged). Raises a
-    ConceptEvoError naming the images when a stimulus image is outside the
-    embedded pool or has no vector.
-    """
-    ids, indices, _ = stimuli_arrays(stimuli)
-    if isinstance(image_embedding, ImageEmbedding):
-        V = image_embedding.vectors
-    else:
-        V = np.asarray(image_embedding)
-        if V.ndim != 2:
-            raise ConceptEvoError(f"image_embedding must be an ImageEmbedding or a [num_images, dim] array, "
-                                  f"got shape {V.shape}")
-    A, images, rows = stimulus_matrix(indices)
-    outside = images[images >= V.shape[0]]
-    if outside.size:
-        raise ConceptEvoError(f"stimuli refer to image(s) {_few(outside)} but the image embedding holds only "
-                              f"{V.shape[0]} images; embed images over the same whole image pool")
-    used = np.asarray(V[images], dtype=np.float64)
-    blank = np.isnan(used).any(axis=1)
-    if blank.any():
-        raise ConceptEvoError(f"{int(blank.sum())} stimulus image(s) have no vector: {_few(images[blank])}; "
-                              "pass responses (top_responses over the whole pool) to embed_images so every "
-                              "image gets one")
-    out = np.full((len(ids), V.shape[1]), np.nan, dtype=np.float32)
-    out[rows] = A @ used
-    if rows.size < len(ids):
-        log.warning("%d of %d neurons have no stimulus image; their projected vectors are NaN",
-                    len(ids) - rows.size, len(ids))
-    return NeuronEmbedding(ids, out, config={"projected": True})
 
 
 def _aligned(base: NeuronEmbedding, projected: NeuronEmbedding):
@@ -155,8 +108,6 @@ def holdout_fidelity(stimuli, base_embedding: NeuronEmbedding, fraction: float =
     mean share of a held-out neuron's stimulus images that had a vector, and
     ``projected``: the held-out neurons' projected NeuronEmbedding.
     """
-    from ..embedding.images import embed_images
-
     ids, indices, num_images = stimuli_arrays(stimuli)
     try:
         fraction = float(fraction)
@@ -204,4 +155,4 @@ def holdout_fidelity(stimuli, base_embedding: NeuronEmbedding, fraction: float =
     return result
 
 
-__all__ = ["project", "fidelity", "holdout_fidelity", "Layout2D", "fit_layout"]
+__all__ = ["UnifiedSpace", "project", "fidelity", "holdout_fidelity", "Layout2D", "fit_layout"]

@@ -9,6 +9,10 @@ along whichever axis is contiguous, keeps a running max and its first position
 per channel, and splits long maps across programs so that even a batch's few
 large early-layer maps fill the GPU.
 
+Token-shaped units (``[B, T, C]``: a transformer's channel-last activations, one value per token) go
+through the same kernel: ``as_maps`` views them as ``[B, C, T, 1]`` maps whose positions are strided by C,
+the layout the kernel already reads for channels-last convolution maps, without a copy.
+
 Results equal ``out.flatten(2).max(dim=2)``: the same maxima, ties to the
 lowest position, NaN when a map holds a NaN. Used by ``find_stimuli`` on CUDA
 tensors when Triton is installed (it comes with PyTorch's CUDA builds); anything
@@ -113,6 +117,16 @@ def max_argmax(out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     # splits hold consecutive position ranges: the first split holding the max has its first position
     v, which = vals.max(dim=1)
     return v, pos.gather(1, which.unsqueeze(1)).squeeze(1).long()
+
+
+def as_maps(tokens: torch.Tensor) -> torch.Tensor:
+    """A ``[B, T, C]`` (channel-last) tensor viewed as ``[B, C, T, 1]`` maps, without a copy.
+
+    Position t of a map is token t, so the flat positions :func:`max_argmax` returns are token indices.
+    """
+    if tokens.dim() != 3:
+        raise ValueError(f"expected a [batch, tokens, channels] tensor, got shape {tuple(tokens.shape)}")
+    return tokens.transpose(1, 2).unsqueeze(-1)
 
 
 def try_max_argmax(out: torch.Tensor):
