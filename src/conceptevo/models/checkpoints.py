@@ -40,6 +40,7 @@ from torch import nn
 
 from ..errors import CheckpointError
 from ..io import atomic_path, file_sha256, read_json, write_json
+from ..offline import import_transformers
 from ..records import check_name, checkpoint_problem
 
 log = logging.getLogger(__name__)
@@ -448,8 +449,6 @@ def _load_transformers_folder(folder: Path, model: nn.Module, trust: bool, stric
     applies its own renaming; the weights it read must be complete and then
     fit ``model`` exactly.
     """
-    from .hf import import_transformers
-
     if not is_model_folder(folder):
         _read_state(folder, trust)  # raises: not a model folder
     _check_folder_files(folder)

@@ -25,38 +25,16 @@ the ``transformers`` ones (``vit.encoder.layer.0.intermediate.intermediate_act_f
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 from torch import nn
 
 from ..errors import CheckpointError, ConceptEvoError
 from ..io import read_json
+from ..offline import EXTRA, OFFLINE_FLAGS, import_transformers  # noqa: F401 (re-exported)
 from .checkpoints import CONFIG_FILE, is_model_folder, list_checkpoints
 
 log = logging.getLogger(__name__)
-
-OFFLINE_FLAGS = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-EXTRA = "transformers"
-_said_offline = False
-
-
-def import_transformers(what: str = "this model"):
-    """The ``transformers`` module, imported offline (the flags set first); a clear error naming the extra when missing."""
-    global _said_offline
-    os.environ.update(OFFLINE_FLAGS)
-    try:
-        import transformers
-    except ImportError as e:
-        raise ConceptEvoError(
-            f"{what} needs the Hugging Face 'transformers' package ({e}); install the '{EXTRA}' extra: "
-            f"pip install 'conceptevo[{EXTRA}]' (or pip install transformers)"
-        ) from None
-    if not _said_offline:
-        log.info("transformers %s runs offline here (HF_HUB_OFFLINE=1, TRANSFORMERS_OFFLINE=1): models are built from "
-                 "local config.json files, nothing is downloaded", transformers.__version__)
-        _said_offline = True
-    return transformers
 
 
 def config_folder(path, import_path=None) -> Path:
@@ -90,7 +68,7 @@ def config_folder(path, import_path=None) -> Path:
 
 
 def build_from_config(path, in_channels: int | None = None, num_classes: int | None = None, logits: bool = True,
-                      import_path=None, **options) -> nn.Module:
+                      import_path=None, build_builtin=None, **options) -> nn.Module:
     """The model ``path``'s ``config.json`` describes, randomly initialised (see the module docstring).
 
     ``options``: for a conceptevo config, constructor arguments that override
@@ -104,15 +82,16 @@ def build_from_config(path, in_channels: int | None = None, num_classes: int | N
     if not isinstance(raw, dict):
         raise ConceptEvoError(f"{folder / CONFIG_FILE} is not a JSON object; re-save the model")
     if "conceptevo_arch" in raw:
-        from .zoo import build_model
-
+        if build_builtin is None:  # the zoo passes its build_model (the zoo imports this module, not the reverse)
+            raise ConceptEvoError(f"{folder / CONFIG_FILE} describes a built-in model; build it with "
+                                  "conceptevo.build_model('hf:FOLDER')")
         kwargs = {k: v for k, v in raw.items() if k != "conceptevo_arch"}
         given = {"in_channels": in_channels, "num_classes": num_classes}
         for k, v in given.items():
             if v is not None and k not in kwargs and k not in options:
                 kwargs[k] = v
         kwargs.update(options)
-        return build_model(str(raw["conceptevo_arch"]), **kwargs)
+        return build_builtin(str(raw["conceptevo_arch"]), **kwargs)
     tf = import_transformers(f"the model of {folder / CONFIG_FILE}")
     attn = options.pop("attn_implementation", None)
     try:

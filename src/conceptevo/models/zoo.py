@@ -33,7 +33,9 @@ import torch
 from torch import nn
 
 from ..errors import ConceptEvoError, suggest
+from .hf import build_from_config
 from .vit import vit_tiny
+from .lm import gpt_neox_tiny, lm_tiny
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +126,9 @@ ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
     "vgg_like_nodropout": vgg_like_nodropout,
     "resnet_like": resnet_like,
     "vit_tiny": vit_tiny,
+    # language models (conceptevo.models.lm): they take vocab_size=, not in_channels/num_classes
+    "lm_tiny": lm_tiny,
+    "gpt_neox_tiny": gpt_neox_tiny,
 }
 
 
@@ -195,9 +200,8 @@ def _build(arch: str, in_channels: int, num_classes: int, import_path=None, **op
     if arch in ARCHITECTURES:
         return ARCHITECTURES[arch](in_channels=in_channels, num_classes=num_classes, **options)
     if arch.startswith("hf:"):
-        from .hf import build_from_config
-
         return build_from_config(arch[3:], in_channels=in_channels, num_classes=num_classes, import_path=import_path,
+                                 build_builtin=build_model,
                                  **options)
     if arch.startswith("timm:"):
         return _timm_model(arch.split(":", 1)[1], in_channels, num_classes, **options)
