@@ -195,16 +195,19 @@ def check_class(dataset, class_index, labels: np.ndarray | None = None) -> np.nd
     return pos
 
 
-def sample_positions(pos: np.ndarray, num_images: int | None, rng: np.random.Generator) -> np.ndarray:
-    """A sorted seeded sample of ``num_images`` of ``pos`` (all of them when None or when too few)."""
-    if num_images is None:
+def sample_positions(pos: np.ndarray, sample_size: int | None, rng: np.random.Generator) -> np.ndarray:
+    """A sorted seeded sample of ``sample_size`` of the dataset positions ``pos`` (all of them when None or too few).
+
+    ``sample_size`` is what callers take as ``num_images=`` (or ``num_test_images=``); errors and logs name that.
+    """
+    if sample_size is None:
         return np.sort(pos)
-    check_positive("num_images", num_images, integer=True)
-    if num_images >= pos.size:
-        if num_images > pos.size:
-            log.info("the class has %d images, fewer than num_images=%d: using all of them", pos.size, num_images)
+    check_positive("num_images", sample_size, integer=True)
+    if sample_size >= pos.size:
+        if sample_size > pos.size:
+            log.info("the class has %d images, fewer than num_images=%d: using all of them", pos.size, sample_size)
         return np.sort(pos)
-    return np.sort(rng.choice(pos, size=num_images, replace=False))
+    return np.sort(rng.choice(pos, size=sample_size, replace=False))
 
 
 def explicit_positions(dataset, images) -> np.ndarray:
