@@ -244,6 +244,7 @@ def test_the_inline_explorer_loads_in_a_frame_of_another_loopback_page(tmp_path_
 
 
 # ================================================================================ the example notebook
+@pytest.mark.slow
 def test_the_example_notebook_runs_and_shows_its_figures_and_the_explorer(tmp_path, monkeypatch):
     """docs/example.ipynb executed by a real Jupyter kernel, as a reader would run it top to bottom."""
     nbformat = pytest.importorskip("nbformat")
