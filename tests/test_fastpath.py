@@ -174,3 +174,19 @@ def test_a_layer_that_never_runs_names_the_cause():
         with __import__("conceptevo.hooks").hooks.layer_hooks(plain, ["1"]) as outs:
             plain[0](torch.randn(1, 3))
         outs.require_all()
+
+
+def test_default_units_of_a_vit_are_its_mlp_hidden_units():
+    from conceptevo.layers import resolve_layers
+
+    vit = build_model("vit_tiny", dim=16, depth=2, heads=2, mlp=8)
+    assert resolve_layers(vit, None) == ["blocks.0.mlp.act", "blocks.1.mlp.act"]
+    cnn = build_model("vgg_like")
+    assert resolve_layers(cnn, None) == [n for n, m in cnn.named_modules() if isinstance(m, nn.Conv2d)]
+    # a model stating its own units; one with neither Conv2d nor stated units is told what to do
+    net = Net()
+    net.default_units = "encoder.layers.*.linear1"
+    assert resolve_layers(net, None) == ["encoder.layers.0.linear1", "encoder.layers.1.linear1"]
+    from conceptevo.errors import LayerNotFoundError
+    with pytest.raises(LayerNotFoundError, match="no Conv2d layer"):
+        resolve_layers(Net(), None)
