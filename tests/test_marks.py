@@ -34,14 +34,17 @@ def test_draw_mark_outlines_the_patch_and_nothing_else(channels):
     cell = _resize(image, P)  # x2
     marked = draw_mark(cell, (0, 0, 28, 28), (8, 12, 12, 16))
     changed = (marked != cell).any(axis=-1)
-    # the outline is the ring just outside pixels 16..23 x 24..31 of the cell
+    # the outline is the ring just outside pixels 16..23 x 24..31 of the cell (grey: and a black ring around it)
     ring = np.zeros((P, P), bool)
     ring[15, 23:33] = ring[24, 23:33] = ring[15:25, 23] = ring[15:25, 32] = True
-    assert not (changed & ~ring).any()
-    assert changed[ring].mean() > 0.4  # grey: dashed (a pixel may already hold the dash's value)
+    outer = np.zeros((P, P), bool)
+    outer[14, 22:34] = outer[25, 22:34] = outer[14:26, 22] = outer[14:26, 33] = True
+    assert not (changed & ~ring & ~outer).any()
     assert (marked[16:24, 24:32] == cell[16:24, 24:32]).all()  # the patch itself untouched
     if channels == 3:
-        assert (marked[ring] == (255, 48, 48)).all()
+        assert (marked[ring] == (255, 48, 48)).all() and not changed[outer].any()
+    else:
+        assert (marked[ring] == 255).all() and (marked[outer] == 0).all()
     # the class token's box (the whole image) becomes a frame on the border
     frame = (draw_mark(cell, (0, 0, 28, 28), (0, 0, 28, 28)) != cell).any(axis=-1)
     assert frame[0].any() and frame[-1].any() and not frame[1:-1, 1:-1].any()

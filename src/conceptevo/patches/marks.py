@@ -53,8 +53,8 @@ def draw_mark(cell: np.ndarray, crop: tuple[int, int, int, int], mark: tuple[int
     """``cell`` ``[P, P, C]`` uint8 (``crop`` resized as :func:`~conceptevo.patches.sheets._resize` does) with
     ``mark`` (pixel box of the image) outlined just outside its pixels; a new array.
 
-    Colour images get a red outline; grey ones a dashed white-and-black one, which shows on dark and light
-    backgrounds alike (the sheets keep their channels).
+    Colour images get a red outline; grey ones a white outline inside a black one, which shows on dark and
+    light backgrounds alike (the sheets keep their channels, so CNN and ViT patches stay comparable).
     """
     out = cell.copy()
     P, C = cell.shape[0], cell.shape[-1]
@@ -68,13 +68,22 @@ def draw_mark(cell: np.ndarray, crop: tuple[int, int, int, int], mark: tuple[int
     x0 = ox + int(np.floor((l - l0) * scale)) - 1
     y1 = oy + int(np.ceil((b - t0) * scale))
     x1 = ox + int(np.ceil((r - l0) * scale))
-    y0, x0, y1, x1 = max(y0, 0), max(x0, 0), min(y1, P - 1), min(x1, P - 1)
-    ys = np.r_[np.full(x1 - x0 + 1, y0), np.full(x1 - x0 + 1, y1), np.arange(y0, y1 + 1), np.arange(y0, y1 + 1)]
-    xs = np.r_[np.arange(x0, x1 + 1), np.arange(x0, x1 + 1), np.full(y1 - y0 + 1, x0), np.full(y1 - y0 + 1, x1)]
     if C >= 3:
+        ys, xs = _ring(y0, x0, y1, x1, P)
         out[ys, xs, :3] = RED
         if C == 4:
             out[ys, xs, 3] = 255
-    else:
-        out[ys, xs] = np.where(((ys + xs) % 2 == 0)[:, None], 255, 0).astype(np.uint8)
+    else:  # white, with a black ring around it
+        ys, xs = _ring(y0 - 1, x0 - 1, y1 + 1, x1 + 1, P)
+        out[ys, xs] = 0
+        ys, xs = _ring(y0, x0, y1, x1, P)
+        out[ys, xs] = 255
     return out
+
+
+def _ring(y0: int, x0: int, y1: int, x1: int, P: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pixel coordinates of the rectangle outline with corners (y0, x0), (y1, x1), clipped to a P x P cell."""
+    y0, x0, y1, x1 = max(y0, 0), max(x0, 0), min(y1, P - 1), min(x1, P - 1)
+    ys = np.r_[np.full(x1 - x0 + 1, y0), np.full(x1 - x0 + 1, y1), np.arange(y0, y1 + 1), np.arange(y0, y1 + 1)]
+    xs = np.r_[np.arange(x0, x1 + 1), np.arange(x0, x1 + 1), np.full(y1 - y0 + 1, x0), np.full(y1 - y0 + 1, x1)]
+    return ys, xs
