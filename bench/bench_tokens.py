@@ -75,6 +75,9 @@ def main():
     p.add_argument("--images", type=int, default=2000)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--model", choices=("small", "vit_tiny"), default="small",
+                   help="small: the ViT-like model written here (32x32); vit_tiny: conceptevo's built-in ViT (28x28, "
+                        "4 blocks of width 64, MLP 128)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads (default torch's); on a loaded machine 1 avoids thread-synchronisation stalls "
                         "that slow small ops (the top-k merges) far more than the forward")
@@ -82,8 +85,14 @@ def main():
     if a.threads:
         torch.set_num_threads(a.threads)
     torch.manual_seed(0)
-    ds = open_dataset("synthetic", split="train", n=a.images, size=32)
-    model = SmallViT().eval()
+    if a.model == "vit_tiny":
+        from conceptevo.models import build_model
+
+        ds = open_dataset("synthetic", split="train", n=a.images, size=28)
+        model = build_model("vit_tiny", in_channels=int(ds[0][0].shape[0]), seed=0).eval()
+    else:
+        ds = open_dataset("synthetic", split="train", n=a.images, size=32)
+        model = SmallViT().eval()
     layers = ["blocks.*.mlp.act"]
     find_stimuli(model, ds, k=10, layers=layers, batch_size=a.batch_size, progress=False, num_images=None)  # warm-up
     runs = {"bare": lambda: bare_pass(model, ds, a.batch_size)}
@@ -96,7 +105,7 @@ def main():
             t = time.perf_counter(); fn(); best[key] = min(best[key], time.perf_counter() - t)
     stim = runs["layer"]()
     info = stim.layers[0]
-    print(f"stimuli pass vs bare forward (SmallViT, {len(stim)} token units in {len(stim.layers)} layers "
+    print(f"stimuli pass vs bare forward ({'SmallViT' if a.model == 'small' else 'vit_tiny'}, {len(stim)} token units in {len(stim.layers)} layers "
           f"of {list(info.position_shape)} tokens, channel_axis {info.channel_axis}; {a.images} images, "
           f"batch {a.batch_size}, {torch.get_num_threads()} threads, best of {a.repeats}, interleaved):")
     print(f"  bare forward {best['bare']:.2f} s   stimuli pass merging per layer (the CPU default) {best['layer']:.2f} s, "

@@ -104,8 +104,14 @@ def test_demo_quick_end_to_end(tmp_path):
 
     assert main(["demo", "--quick", "--out", str(tmp_path / "demo"), "--no-progress"]) == 0
     ws = Workspace(tmp_path / "demo" / "study")
-    assert ws.models == ["vgg", "vgg-nodropout", "resnet"]
-    assert (ws.path / "figures" / "space.png").exists()
+    assert ws.models == ["vgg", "vgg-nodropout", "resnet", "vit"]
+    assert (ws.path / "figures" / "space.png").exists() and (ws.path / "figures" / "groups.png").exists()
+    # the ViT's units (its MLP hidden units, one value per token) sit in the same unified space
+    tag = ws.tags("vit")[-1]
+    stim = ws.stimuli("vit", tag)
+    assert [i.name for i in stim.layers] == ["blocks.0.mlp.act", "blocks.1.mlp.act"]
+    assert all(i.channel_axis == -1 and i.spatial == (50,) for i in stim.layers)
+    assert np.isfinite(np.asarray(ws.layout("vit", tag))).all() and (ws.path / "patches" / "vit" / tag / "marks.npy").exists()
     last = ws.checkpoints("vgg")[-1]
     # above chance (0.1) after one epoch on 4,000 images: Fashion-MNIST gives > 0.3; the generated dataset
     # (used where Fashion-MNIST is not installed) is harder for so short a run: 0.22-0.26 seen

@@ -352,8 +352,22 @@ def test_mixed_study_cnn_and_transformer(tmp_path, caplog):
     np.testing.assert_array_equal(np.asarray(ws.stimuli("vit", "model_e2").positions), direct.positions)
     assert ws.config["stimuli"]["channel_axis"] == {"blocks.*.mlp.act": -1}
     assert "channel_axis 'blocks.*.mlp.act' matches none of the layers conv1.act, conv2.act" in caplog.text
-    # token units' example patches are whole stimulus images, and the log says so
-    assert "holds token-shaped units: its example patches are whole stimulus images" in caplog.text
+    # token units' example patches are whole stimulus images with the argmax token's patch marked
     boxes = np.load(ws.path / "patches" / "vit" / "model_e2" / "boxes.npy")
     assert (boxes == np.array([0, 0, 16, 16])).all()
+    marks = np.load(ws.path / "patches" / "vit" / "model_e2" / "marks.npy")
+    pos = np.asarray(ws.stimuli("vit", "model_e2").positions)
+    for n, j in np.ndindex(pos.shape):  # 1 class token + a 4x4 grid of 4-pixel patches, by hand
+        r, c = divmod(int(pos[n, j]) - 1, 4)
+        want = [0, 0, 16, 16] if pos[n, j] == 0 else [4 * r, 4 * c, 4 * r + 4, 4 * c + 4]
+        assert marks[n, j].tolist() == want
+    assert not (ws.path / "patches" / "cnn" / "model_e2" / "marks.npy").exists()
+    from conceptevo.patches import PatchStore
+    from conceptevo.patches.sheets import crop_patches
+
+    store = PatchStore(ws)
+    shown = store.patches("vit", "model_e2", 0)
+    rows = np.searchsorted(store.image_indices, np.asarray(ws.stimuli("vit", "model_e2").indices[:1]))
+    plain = crop_patches(np.load(ws.path / "patches" / "images" / "pixels.npy"), rows, boxes[:1], shown.shape[1])[0]
+    assert (shown != plain).any(axis=(1, 2, 3)).all()  # every patch carries its mark
     assert (np.load(ws.path / "patches" / "cnn" / "model_e2" / "boxes.npy")[:, :, 2] < 16).any()  # conv: real crops

@@ -96,7 +96,7 @@ class BaseConfig:
 @dataclass(frozen=True)
 class StimuliConfig:
     k: int = 10
-    layers: list | None = None      # module paths or globs; None = every Conv2d
+    layers: list | None = None      # module paths or globs; None = each model's default units (every Conv2d; a ViT: its MLP units)
     batch_size: int = 256
     device: str = "cpu"
     channel_axis: dict | int | None = None  # {"layer or glob" = 1 or -1}: where the channels sit, when the rule guesses wrong

@@ -1,7 +1,9 @@
-"""The embedded default study: train three models on Fashion-MNIST and build their unified space.
+"""The embedded default study: train three CNNs and a ViT on Fashion-MNIST and build their unified space.
 
-Trains a VGG-like with dropout, the same without dropout, and a ResNet-like,
-with checkpoints through training (finer in the first epoch), then runs the
+Trains a VGG-like with dropout, the same without dropout, a ResNet-like and a
+small vision transformer (``vit_tiny``, whose units are its MLP hidden units,
+``blocks.*.mlp.act``: one value per token), with checkpoints through training
+(finer in the first epoch), then runs the
 whole pipeline over every checkpoint and writes the space per checkpoint, side
 by side. Falls back to the built-in generated dataset, with a notice, when
 Fashion-MNIST is not installed.
@@ -23,7 +25,7 @@ from .pipeline import run_study
 
 log = logging.getLogger(__name__)
 
-MODELS = [("vgg", "vgg_like"), ("vgg-nodropout", "vgg_like_nodropout"), ("resnet", "resnet_like")]
+MODELS = [("vgg", "vgg_like"), ("vgg-nodropout", "vgg_like_nodropout"), ("resnet", "resnet_like"), ("vit", "vit_tiny")]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,10 +36,17 @@ class DemoSettings:
     pool: int = 3000               # stimulus image pool
     width: int = 16
     layout: str = "umap"           # the quick run uses PCA: no UMAP compile time
+    # the ViT's size (the CNNs' width does not apply): 4 blocks of width 32, MLP 64 -> 256 units
+    vit: tuple = (("dim", 32), ("depth", 4), ("heads", 4), ("mlp", 64))
 
     @classmethod
     def quick(cls) -> "DemoSettings":
-        return cls(epochs=1, train_images=4000, first_epoch_checkpoints=2, pool=1000, width=8, layout="pca")
+        return cls(epochs=1, train_images=4000, first_epoch_checkpoints=2, pool=1000, width=8, layout="pca",
+                   vit=(("dim", 32), ("depth", 2), ("heads", 2), ("mlp", 32)))
+
+    def options(self, arch: str) -> dict:
+        """The architecture options of one demo model."""
+        return dict(self.vit) if arch == "vit_tiny" else {"width": self.width}
 
 
 def demo_data(data_dir: str | None = None) -> DataConfig:
@@ -66,17 +75,18 @@ def run_demo(out="demo-out", quick: bool = False, device: str = "cpu", data_dir:
         run_dir = out / "runs" / name
         tc = TrainConfig(epochs=settings.epochs, lr=0.05, batch_size=128, seed=0, train_images=settings.train_images,
                          first_epoch_checkpoints=settings.first_epoch_checkpoints, device=device)
-        wanted = {"config": dataclasses.asdict(tc), "arch": arch, "data": dataclasses.asdict(data)}
+        options = settings.options(arch)
+        wanted = {"config": dataclasses.asdict(tc), "arch": arch, "data": dataclasses.asdict(data), "options": options}
         marker = run_dir / "demo-run.json"
         if not (marker.exists() and read_json(marker) == json.loads(json.dumps(wanted))):
-            model = build_model(arch, in_channels=in_ch, num_classes=len(train_set.classes), width=settings.width, seed=tc.seed)
+            model = build_model(arch, in_channels=in_ch, num_classes=len(train_set.classes), seed=tc.seed, **options)
             log.info("training %s (%s)", name, arch)
             train(model, train_set, test_set, run_dir, tc, progress=progress)
 
             write_json(marker, wanted)
         else:
             log.info("reusing the trained checkpoints in %s", run_dir)
-        models.append(ModelConfig(name=name, arch=arch, checkpoints=str(run_dir), options={"width": settings.width}))
+        models.append(ModelConfig(name=name, arch=arch, checkpoints=str(run_dir), options=options))
     config = StudyConfig(
         out=str(out / "study"), data=data, models=models, base=BaseConfig(model="vgg", checkpoint="last"),
         stimuli=StimuliConfig(device=device), embedding=EmbeddingConfig(),  # the defaults (docs/fidelity.md)

@@ -13,9 +13,13 @@ removes the hooks on exit. One flag picks the variant:
   has produced its output (nothing after the last needed layer runs). The stop
   ends the ``with`` block's body; the block exits normally.
 
-The yielded :class:`LayerOutputs` is a dict of what was captured, with
+Inside the block PyTorch's fused transformer fast path is off
+(:func:`conceptevo.models.fastpath.slow_path`), so an ``nn.TransformerEncoderLayer``
+in eval mode calls its submodules and their hooks fire; this one place covers
+every pass (stimuli, importance, reversion, patches). The yielded :class:`LayerOutputs` is a dict of what was captured, with
 ``calls`` (how often each layer ran), :meth:`~LayerOutputs.require_all` (a
-layer that never ran is an error that says so) and
+layer that never ran is an error that says so, and why when a transformer module
+of PyTorch is the reason) and
 :meth:`~LayerOutputs.require_once`.
 
 :func:`eval_mode` / :func:`train_mode` switch models' mode inside a ``with``
@@ -33,6 +37,7 @@ import torch
 from torch import nn
 
 from .errors import ConceptEvoError, LayerNotFoundError, check_device
+from .models.fastpath import explain_unfired, slow_path
 
 MODES = ("capture", "replace", "until")
 
@@ -44,9 +49,10 @@ class _StopForward(Exception):
 class LayerOutputs(dict):
     """Outputs captured by :func:`layer_hooks` (layer name -> output or ``fn(name, output)``)."""
 
-    def __init__(self, layers: list[str]):
+    def __init__(self, layers: list[str], model: nn.Module | None = None):
         super().__init__()
         self.layers = layers
+        self.model = model
         self.calls = {n: 0 for n in layers}
 
     def clear(self) -> None:
@@ -62,9 +68,11 @@ class LayerOutputs(dict):
     def require_all(self) -> None:
         miss = self.missing()
         if miss:
+            why = [explain_unfired(self.model, n) for n in miss] if self.model is not None else []
+            why = [w for w in dict.fromkeys(why) if w]
             raise LayerNotFoundError(
                 f"layer(s) {', '.join(miss)} never ran in the forward pass; "
-                "choose modules that the model's forward() actually calls"
+                + ("; ".join(why) if why else "choose modules that the model's forward() actually calls")
             )
 
     def require_once(self) -> None:
@@ -87,7 +95,7 @@ def layer_hooks(model: nn.Module, layers: Iterable[str], fn: Callable[[str, torc
     if mode == "replace" and fn is None:
         raise ConceptEvoError("mode='replace' needs fn(name, output) returning the new output")
     modules = dict(model.named_modules())
-    outputs = LayerOutputs(list(dict.fromkeys(layers)))
+    outputs = LayerOutputs(list(dict.fromkeys(layers)), model)
     handles = []
 
     def hook(_mod, _inp, out, _name):
@@ -109,7 +117,8 @@ def layer_hooks(model: nn.Module, layers: Iterable[str], fn: Callable[[str, torc
                 raise LayerNotFoundError(f"layer {name!r} is not a module of the model")
             handles.append(modules[name].register_forward_hook(lambda m, i, o, _n=name: hook(m, i, o, _n)))
         try:
-            yield outputs
+            with slow_path(model):
+                yield outputs
         except _StopForward:
             if mode != "until":  # pragma: no cover - only "until" hooks raise it
                 raise

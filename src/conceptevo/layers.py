@@ -43,12 +43,23 @@ DEFAULT_LAYER_TYPES: tuple[type, ...] = (nn.Conv2d,)
 def resolve_layers(model: nn.Module, layers=None) -> list[str]:
     """Module paths of the layers to study, in the model's module order.
 
-    ``layers`` may be None (every ``Conv2d``), or a sequence mixing exact
-    module paths, glob patterns (``"features.*"``) and module types
-    (``nn.Linear``). Unknown names raise an error that lists what exists.
+    ``layers`` may be None (the model's default units, below), or a sequence
+    mixing exact module paths, glob patterns (``"features.*"``) and module
+    types (``nn.Linear``). Unknown names raise an error that lists what exists.
+
+    With ``layers=None`` a model that states its units (a ``default_units``
+    attribute, as the built-in ViT does: ``blocks.*.mlp.act``) or belongs to a
+    known transformer family (torchvision's and timm's ViT, Hugging Face ViT
+    and GPT-NeoX: their MLP hidden units) gets those
+    (:func:`conceptevo.models.zoo.default_units`); any other model every ``Conv2d``.
     """
     named = [(name, mod) for name, mod in model.named_modules() if name]
     if layers is None:
+        from .models.zoo import default_units
+
+        units = default_units(model)
+        if units:
+            return resolve_layers(model, list(units))
         chosen = [name for name, mod in named if isinstance(mod, DEFAULT_LAYER_TYPES)]
         if not chosen:
             raise LayerNotFoundError(

@@ -144,8 +144,13 @@ class ExplorerData:
         return self._once(("stimuli", model, tag), lambda: self.ws.stimuli(model, tag, mmap=False))
 
     def boxes(self, model: str, tag: str) -> np.ndarray:
-        """A checkpoint's patch boxes ``[neurons, k, 4]``, read into memory once."""
-        return self._once(("boxes", model, tag), lambda: np.array(self.store.boxes(model, tag)))
+        """The box of each stimulus shown on its full image ``[neurons, k, 4]``, read into memory once: the patch's
+        box, or for a token-shaped unit (whose patch is the whole image) the argmax token's patch (its mark)."""
+        def read():
+            boxes = np.array(self.store.boxes(model, tag))
+            marks = self.store.marks(model, tag)
+            return boxes if marks is None else np.where(np.asarray(marks)[..., :1] >= 0, np.asarray(marks), boxes)
+        return self._once(("boxes", model, tag), read)
 
     def importance_result(self, j: int):
         with self._lock:

@@ -13,6 +13,7 @@ from ..io import atomic_path, hash_json, load_npy, read_json, save_npy, write_js
 from ..workspace import Workspace
 from .receptive import ReceptiveField, receptive_fields
 from .sheets import SHEET_MAX, SheetGeometry, _resize, _write_sheets, crop_patches, to_uint8_image
+from .marks import draw_mark, token_box, token_grid
 from .store import FORMAT_VERSION, PatchStore, patches_dir
 
 log = logging.getLogger(__name__)
@@ -159,19 +160,28 @@ def _checkpoint_patches_stage(ws: Workspace, todo, fields: dict, field_keys: dic
     written, token_noted = [], set()
     for m, t in tqdm(todo, desc="patches", disable=not progress, leave=False):
         name = f"patches/{m}/{t}"
-        key = hash_json([FORMAT_VERSION, _stage_key(ws, f"stimuli/{m}/{t}"), field_keys[m], cell])
+        stim = ws.stimuli(m, t)
+        tokens = any(info.channel_axis != 1 for info in stim.layers)
+        # token-shaped units' sheets carry marks: their own key, so CNN keys (and files) stay as they were
+        key = hash_json([FORMAT_VERSION, _stage_key(ws, f"stimuli/{m}/{t}"), field_keys[m], cell]
+                        + (["token-marks-1"] if tokens else []))
         if not force and ws.is_done(name, key):
             continue
-        stim = ws.stimuli(m, t)
         N, k = stim.indices.shape
         boxes = _boxes(stim, fields[m], m, t, token_noted)
+        marks = _marks(stim, fields[m], m, token_noted) if tokens else None
         rows = np.searchsorted(used, np.asarray(stim.indices))
         rows = np.where((rows < len(used)) & (used[np.minimum(rows, len(used) - 1)] == np.asarray(stim.indices)), rows, -1)
         geom = SheetGeometry.plan(N, k, cell)
         folder = patches_dir(ws, m, t)
         files = _write_sheets(folder, "sheet", geom, pixels.shape[-1],
-                              lambda n: crop_patches(pixels, rows[n:n + 1], boxes[n:n + 1], cell)[0])
+                              lambda n: _marked(crop_patches(pixels, rows[n:n + 1], boxes[n:n + 1], cell)[0],
+                                                boxes[n], None if marks is None else marks[n], rows[n]))
         save_npy(folder / "boxes.npy", boxes)
+        if marks is not None:
+            save_npy(folder / "marks.npy", marks)
+        else:
+            (folder / "marks.npy").unlink(missing_ok=True)
         write_json(folder / "index.json", {
             "format": FORMAT_VERSION, "model": m, "tag": t, "geometry": geom.to_dict(), "sheets": files,
             "channels": int(pixels.shape[-1]),
@@ -184,8 +194,8 @@ def _checkpoint_patches_stage(ws: Workspace, todo, fields: dict, field_keys: dic
 def _boxes(stim, rfs: dict[str, ReceptiveField], model: str, tag: str, token_noted: set | None = None) -> np.ndarray:
     """``[neurons, k, 4]`` input-pixel boxes (top, left, bottom, right) of each stimulus's argmax position.
 
-    Token-shaped units (``[B, T, C]``) have no 2-D map to cut a token's patch from: their boxes are the
-    whole image, noted once per model and layer in ``token_noted``."""
+    Token-shaped units (``[B, T, C]``): every token sees the whole image, so their boxes are the whole
+    image; :func:`_marks` gives the argmax token's patch, drawn on it."""
     N, k = stim.indices.shape
     boxes = np.zeros((N, k, 4), dtype=np.int32)
     for info, sl in zip(stim.layers, stim.layer_slices().values()):
@@ -193,10 +203,6 @@ def _boxes(stim, rfs: dict[str, ReceptiveField], model: str, tag: str, token_not
             raise ConceptEvoError(f"no receptive field for layer {info.name!r} of {model}; recompute with force=True")
         rf = rfs[info.name]
         if info.channel_axis != 1:
-            if token_noted is not None and (model, info.name) not in token_noted:
-                token_noted.add((model, info.name))
-                log.info("layer %r of %s holds token-shaped units: its example patches are whole stimulus images "
-                         "(patches of single tokens are not supported yet; token positions are in the stimuli)", info.name, model)
             boxes[sl] = (0, 0, *rf.input_size)
             continue
         if tuple(rf.spatial) != tuple(info.spatial):
@@ -206,3 +212,39 @@ def _boxes(stim, rfs: dict[str, ReceptiveField], model: str, tag: str, token_not
             )
         boxes[sl] = rf.boxes(np.asarray(stim.positions[sl]))
     return boxes
+
+
+def _marks(stim, rfs: dict[str, ReceptiveField], model: str, token_noted: set | None = None) -> np.ndarray:
+    """``[neurons, k, 4]`` pixel boxes of each token-shaped unit's argmax token (:func:`~.marks.token_box`:
+    a patch of the token grid; the class token's is the whole image); -1 where there is none (map-shaped
+    units, tokens that form no grid over the image, which are noted once per model and layer)."""
+    N, k = stim.indices.shape
+    marks = np.full((N, k, 4), -1, dtype=np.int32)
+    for info, sl in zip(stim.layers, stim.layer_slices().values()):
+        if info.channel_axis == 1:
+            continue
+        size = tuple(rfs[info.name].input_size)
+        tokens = int(np.prod(info.spatial))
+        if len(info.spatial) != 1 or token_grid(tokens, size) is None:
+            if token_noted is not None and (model, info.name) not in token_noted:
+                token_noted.add((model, info.name))
+                log.info("layer %r of %s: its %s positions form no token grid over the %sx%s image, so its example "
+                         "patches are whole stimulus images without a mark", info.name, model, info.spatial, *size)
+            continue
+        table = np.array([token_box(t, tokens, size) for t in range(tokens)], dtype=np.int32)
+        pos = np.asarray(stim.positions[sl])
+        marks[sl] = np.where((pos >= 0)[..., None], table[np.clip(pos, 0, tokens - 1)], -1)
+    return marks
+
+
+def _marked(cells: np.ndarray, boxes: np.ndarray, marks: np.ndarray | None, rows: np.ndarray) -> np.ndarray:
+    """One neuron's cells ``[k, P, P, C]`` with each stimulus's mark drawn (where it has an image and a mark)."""
+    if marks is None:
+        return cells
+    out = cells
+    for j in range(cells.shape[0]):
+        if rows[j] >= 0 and marks[j, 0] >= 0:
+            if out is cells:
+                out = cells.copy()
+            out[j] = draw_mark(cells[j], tuple(int(v) for v in boxes[j]), tuple(int(v) for v in marks[j]))
+    return out

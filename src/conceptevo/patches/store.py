@@ -58,6 +58,12 @@ class PatchStore:
     def boxes(self, model: str, tag: str) -> np.ndarray:
         return load_npy(patches_dir(self.ws, model, tag) / "boxes.npy", mmap=True)
 
+    def marks(self, model: str, tag: str) -> np.ndarray | None:
+        """``[neurons, k, 4]`` pixel boxes marked on each example patch (a token-shaped unit's argmax token; -1:
+        no mark), or None when the checkpoint has no token-shaped units (its patches carry no marks)."""
+        path = patches_dir(self.ws, model, tag) / "marks.npy"
+        return load_npy(path, mmap=True) if path.exists() else None
+
     # -- images ----------------------------------------------------------------------------------
     @property
     def images_index(self) -> dict:

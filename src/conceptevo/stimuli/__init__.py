@@ -129,7 +129,7 @@ def find_stimuli(model: nn.Module, dataset, k: int = 10, layers=None, batch_size
                  progress: bool = True, num_images: int | None = None, desc: str = "stimuli",
                  amp: bool | str = False, channels_last: bool = False, merge: str = "auto",
                  channel_axis=None) -> Stimuli:
-    """Top-k stimuli of every neuron of ``layers`` (default: every Conv2d) over ``dataset``.
+    """Top-k stimuli of every neuron of ``layers`` (default: the model's default units, as resolve_layers) over ``dataset``.
 
     ``dataset`` is any torch Dataset returning ``(image, label)`` (index =
     position) or ``(image, label, index)``. One pass, no gradients. The model
