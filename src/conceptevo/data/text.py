@@ -601,3 +601,17 @@ def shakespeare_windows(tokenizer: str | Tokenizer = "char", context: int = 128,
     tokens = np.concatenate([tk.encode_array(t + "\n") for t in texts])
     dtype = np.uint16 if tk.vocab_size <= 65536 else np.int32
     return TextWindows(tokens.astype(dtype), context, stride, tokenizer=tk, name="shakespeare")
+
+
+def corpus_windows(corpus: str | os.PathLike, tokenizer: str | Tokenizer = "char", context: int = 64,
+                   stride: int | None = None) -> TextWindows:
+    """Windows of a named corpus: ``"shakespeare"`` (the ``shakespeare`` package), ``"generated"``
+    (:func:`generated_text` with 20000 lines), or text files / a folder. The same call gives the same
+    windows and, for ``"char"``/``"bpe"``, the same tokenizer every time (fitted on the same text)."""
+    if str(corpus) == "shakespeare":
+        return shakespeare_windows(tokenizer, context, stride)
+    if str(corpus) == "generated":
+        text = generated_text(20000)
+        tk = make_tokenizer(tokenizer, [text])
+        return TextWindows(tk.encode_array(text), context, stride, tokenizer=tk, name="generated")
+    return open_text(corpus, tokenizer, context, stride)
