@@ -141,3 +141,21 @@ def test_text_folder_with_a_saved_tokenizer(tmp_path):
     ds = open_dataset("text", tmp_path / "t", tokenizer=str(tmp_path / "tok.json"), context=8, stride=4)
     assert ds.tokenizer.vocab_size == tk.vocab_size and ds.context == 8 and ds.stride == 4
     assert ds.tokenizer.decode(ds[0][0].tolist()) == "hello wo"
+
+
+def test_image_only_commands_refuse_text_workspaces(study):
+    from conceptevo.exports.projector import export_tensorboard
+    from conceptevo.importance.commands import importance_command
+    from conceptevo.patches import compute_patches
+    from conceptevo.report import make_figures
+
+    ws = study[3]
+    with pytest.raises(ConceptEvoError, match="example patches is not available for text"):
+        compute_patches(ws, progress=False)
+    with pytest.raises(ConceptEvoError, match="importance .* not available for text"):
+        importance_command(ws.path, "s0", "step0", "step12", "a", progress=False)
+    with pytest.raises(ConceptEvoError, match="TensorBoard export .* not available for text"):
+        export_tensorboard(ws, ws.path / "tb")
+    # the report's figures on a text workspace are the text figures
+    paths = make_figures(ws, out=ws.path / "again", formats=("png",))
+    assert {p.name for p in paths} == {"space.png", "contexts.png", "contexts.html"}
