@@ -159,3 +159,20 @@ def test_image_only_commands_refuse_text_workspaces(study):
     # the report's figures on a text workspace are the text figures
     paths = make_figures(ws, out=ws.path / "again", formats=("png",))
     assert {p.name for p in paths} == {"space.png", "contexts.png", "contexts.html"}
+
+
+def test_cli_train_text_and_quick_text_demo(tmp_path, capsys):
+    from conceptevo.cli import main
+    from conceptevo.models.train_lm import step_folders
+
+    assert main(["train", "--text", "--corpus", "generated", "--steps", "4", "--every", "2", "--context", "16",
+                 "--out", str(tmp_path / "run"), "--no-progress"]) == 0
+    assert [s for s, _ in step_folders(tmp_path / "run")] == [0, 1, 2, 4]
+    assert (tmp_path / "run" / "tokenizer.json").exists()
+    assert main(["demo", "--text", "--quick", "--out", str(tmp_path / "demo"), "--no-progress"]) == 0
+    ws_dir = tmp_path / "demo" / "workspace"
+    manifest = json.loads((ws_dir / "manifest.json").read_text())
+    assert {"layout", "figures", "contexts/seed1/step40"} <= set(manifest["stages"])
+    for f in ("space.png", "contexts.png", "contexts.html"):
+        assert (ws_dir / "figures" / f).stat().st_size > 0
+    assert "contexts.html" in capsys.readouterr().out
