@@ -176,3 +176,27 @@ def test_cli_train_text_and_quick_text_demo(tmp_path, capsys):
     for f in ("space.png", "contexts.png", "contexts.html"):
         assert (ws_dir / "figures" / f).stat().st_size > 0
     assert "contexts.html" in capsys.readouterr().out
+
+
+def test_explorer_neuron_api_gives_contexts(study):
+    import threading
+    import urllib.request
+    from urllib.parse import urlencode
+
+    from conceptevo.explorer import make_server
+
+    ws = study[3]
+    server = make_server(ws, port=0, kmeans=4)
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    try:
+        st = ws.stimuli("s0", "step12")
+        nid = st.neuron_ids[7]
+        q = urlencode({"model": "s0", "tag": "step12", "id": nid})
+        got = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{server.server_address[1]}/api/neuron?{q}").read())
+    finally:
+        server.shutdown()
+        server.server_close()
+    tk = workspace_tokenizer(ws)
+    ctx = load_contexts(ws, "s0", "step12")[7]
+    assert got["patches"] is None and len(got["contexts"]) == 5
+    assert [tuple(c.values()) for c in got["contexts"]] == [context_strings(tk, r) for r in ctx]
