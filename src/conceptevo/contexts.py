@@ -163,17 +163,27 @@ def neuron_contexts_html(ws, neuron: str, model: str | None = None, k: int | Non
     return f"<!doctype html><meta charset='utf-8'>{style}" + "\n".join(parts)
 
 
-def plot_neuron_contexts(ws, path, neuron: str, model: str | None = None, k: int = 8, formats=("png",)) -> list[Path]:
-    """A figure: one unit's top-``k`` contexts (argmax token highlighted) in one column per checkpoint."""
+def plot_neuron_contexts(ws, path, neuron: str, model: str | None = None, k: int = 8, formats=("png",),
+                         max_checkpoints: int = 8) -> list[Path]:
+    """A figure: one unit's top-``k`` contexts (argmax token highlighted), one panel per checkpoint (at most
+    ``max_checkpoints``, evenly spread, first and last included)."""
     from matplotlib.figure import Figure
+    from matplotlib.transforms import offset_copy
+
+    from . import io
 
     model = model or ws.base[0]
     tk = workspace_tokenizer(ws)
     tags = ws.tags(model)
-    fig = Figure(figsize=(9, 0.25 * (k + 1.5) * len(tags)))
+    if len(tags) > max_checkpoints:
+        tags = [tags[i] for i in sorted(set(np.linspace(0, len(tags) - 1, max_checkpoints).round().astype(int)))]
+    fs = 7
+    fig = Figure(figsize=(7, 0.16 * (k + 2) * len(tags) + 0.4), layout="constrained")
     axes = fig.subplots(len(tags), 1, squeeze=False)
     for ax, tag in zip(axes[:, 0], tags):
         st = ws.stimuli(model, tag)
+        if neuron not in st.neuron_ids:
+            raise ConceptEvoError(f"unit {neuron!r} is not in {model} {tag}")
         row = st.neuron_ids.index(neuron)
         ctx = load_contexts(ws, model, tag)[row][:k]
         ax.set_axis_off()
@@ -181,14 +191,13 @@ def plot_neuron_contexts(ws, path, neuron: str, model: str | None = None, k: int
         for j, c in enumerate(ctx):
             before, tok, after = context_strings(tk, c)
             y = 1 - (j + 0.5) / max(1, len(ctx))
-            kw = dict(fontsize=7, family="monospace", va="center", transform=ax.transAxes, parse_math=False)
-            ax.text(0.5, y, tok, ha="center", bbox=dict(facecolor="#ffd54f", edgecolor="none", pad=0.5), **kw)
-            ax.text(0.5 - 0.008, y, before, ha="right", **kw)
-            ax.text(0.5 + 0.008, y, after, ha="left", **kw)
+            half = 0.6 * fs * max(1, len(tok)) / 2 + 1.5  # half the token's width in points (monospace)
+            kw = dict(fontsize=fs, family="monospace", va="center", parse_math=False)
+            ax.text(0.5, y, tok, ha="center", transform=ax.transAxes,
+                    bbox=dict(facecolor="#ffd54f", edgecolor="none", pad=0.6), **kw)
+            ax.text(0.5, y, before, ha="right", transform=offset_copy(ax.transAxes, fig, x=-half, units="points"), **kw)
+            ax.text(0.5, y, after, ha="left", transform=offset_copy(ax.transAxes, fig, x=half, units="points"), **kw)
     fig.suptitle(f"unit {neuron}: top contexts per checkpoint (argmax token highlighted)", fontsize=9)
-    fig.tight_layout()
-    from . import io
-
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     return io.save_figure(fig, Path(path), formats, dpi=150)
 
