@@ -200,25 +200,3 @@ def plot_neuron_contexts(ws, path, neuron: str, model: str | None = None, k: int
     fig.suptitle(f"unit {neuron}: top contexts per checkpoint (argmax token highlighted)", fontsize=9)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     return io.save_figure(fig, Path(path), formats, dpi=150)
-
-
-def make_text_figures(ws, out=None, neuron: str | None = None, model: str | None = None, formats=("png",)) -> list[Path]:
-    """Text studies' figures: the space per checkpoint (``space.*``) and one unit's contexts per checkpoint
-    (``contexts.*`` and ``contexts.html``); the unit defaults to the base model's one that moved furthest."""
-    from .report import analysis
-    from .report.space import plot_space_grid
-
-    out = Path(out) if out is not None else ws.figures_dir
-    model = model or ws.base[0]
-    from . import io
-
-    out.mkdir(parents=True, exist_ok=True)
-    plot_space_grid(ws, out / "space.png", formats=formats)
-    paths = io.figure_paths(out / "space.png", formats)
-    if neuron is None:
-        neuron = analysis.most_moving_neuron(ws, model, analysis.unified_vectors(ws)) or \
-            ws.stimuli(model, ws.tags(model)[-1]).neuron_ids[0]
-    paths += plot_neuron_contexts(ws, out / "contexts.png", neuron, model, formats=formats)
-    page = out / "contexts.html"
-    page.write_text(neuron_contexts_html(ws, neuron, model), encoding="utf-8")
-    return [Path(p) for p in paths] + [page]

@@ -14,7 +14,7 @@ import numpy as np
 
 from . import distributed as ddp
 from .config import StudyConfig
-from .contexts import compute_contexts, make_text_figures
+from .contexts import compute_contexts
 from .embedding import NeuronEmbedding, embed_images, embed_neurons, fit_summary
 from .errors import ConceptEvoError, check_device, check_memory, suggest
 from .io import hash_json, load_npy, save_npy
@@ -24,6 +24,7 @@ from .patches import compute_patches
 from .preflight import check_test_split, describe_classes, resolve_channels, sanity_check
 from .projection import fit_layout, holdout_fidelity, project
 from .report import make_figures
+from .report.text import make_text_figures
 from .stimuli import Stimuli, find_stimuli, top_responses
 from .study import (  # noqa: F401  (the study's inputs; importable from here as before)
     build_for_dataset, holdout_split, load_model, model_defaults, open_study_dataset, open_study_images, study_pool,

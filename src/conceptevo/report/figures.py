@@ -17,10 +17,11 @@ import numpy as np
 
 from .. import io
 from ..errors import ConceptEvoError, WorkspaceError
-from ..contexts import is_text_workspace, make_text_figures
+from ..contexts import is_text_workspace
 from . import analysis
 from ._util import _check_formats, _workspace
 from .space import plot_space_grid
+from .text import make_text_figures
 
 log = logging.getLogger(__name__)
 
