@@ -1,4 +1,5 @@
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -79,3 +80,29 @@ def one_thread_module():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def fabricated_study(tmp_path_factory):
+    """Path of one fabricated study per session (tests/fabricated.py), with a stand-in image embedding.
+
+    Built once (about 8 s) and shared: read it, never write into it; take :func:`fabricated_copy` to write.
+    """
+    from conceptevo.embedding import ImageEmbedding
+    from fabricated import fabricate
+
+    ws = fabricate(tmp_path_factory.mktemp("diag-ws"), importance=False)
+    # the fabricated study has no image embedding: a random vector for every image stands in
+    n = ws.manifest["data"]["num_images"]
+    vec = np.random.default_rng(0).normal(size=(n, 8)).astype(np.float32)
+    ImageEmbedding(vec, np.ones(n, dtype=bool), rmse=0.0).save(ws.path / "embedding" / "images")
+    ws.finish("embedding/images", "fabricated", {}, rmse=0.0)
+    return ws.path
+
+
+@pytest.fixture
+def fabricated_copy(fabricated_study, tmp_path):
+    """A private copy of :func:`fabricated_study` for a test that writes into the study."""
+    dst = tmp_path / "fabricated-study"
+    shutil.copytree(fabricated_study, dst)
+    return dst

@@ -10,7 +10,6 @@ from conceptevo.alignment.intruder import sample_tasks
 from conceptevo.data import ConceptShapes
 from conceptevo.errors import ConceptEvoError
 
-from _shared_workspace import fresh_copy
 
 
 @pytest.fixture(scope="module")
@@ -101,10 +100,10 @@ def test_linear_cka_properties():
         linear_cka(X, Y[:10])
 
 
-def test_evaluate_alignment_writes_a_report(tmp_path, tmp_path_factory):
+def test_evaluate_alignment_writes_a_report(tmp_path, fabricated_copy):
     from conceptevo.io import read_json
 
-    path = fresh_copy(tmp_path, tmp_path_factory)
+    path = fabricated_copy
     res = evaluate_alignment(path, tasks=30, random_groups=30, cka_images=120)
     assert [r["setting"] for r in res["intruder"]] == ["within base", "across epochs", "across models"]
     assert [r["paper_auc"] for r in res["intruder"]] == [0.90, 0.86, 0.86]
@@ -118,10 +117,10 @@ def test_evaluate_alignment_writes_a_report(tmp_path, tmp_path_factory):
     assert (path / "alignment" / "roc.png").exists() and (path / "alignment" / "layers.png").exists()
 
 
-def test_evaluate_alignment_cli(tmp_path, tmp_path_factory, capsys):
+def test_evaluate_alignment_cli(tmp_path, fabricated_copy, capsys):
     from conceptevo.cli import build_parser
 
-    path = fresh_copy(tmp_path, tmp_path_factory)
+    path = fabricated_copy
     p = build_parser()
     args = p.parse_args(["evaluate-alignment", str(path), "--tasks", "20", "--no-cka", "--groups", "6",
                          "--out", str(tmp_path / "out")])

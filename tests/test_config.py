@@ -1,11 +1,7 @@
-import os
-
 import pytest
 
 from conceptevo import ConceptEvoError
 from conceptevo.config import load_config
-from conceptevo.errors import WorkspaceError
-from conceptevo.workspace import Workspace, WorkspaceLock
 
 GOOD = """
 [study]
@@ -60,43 +56,3 @@ def test_bad_configs(tmp_path, bad, match):
 def test_missing_config_file(tmp_path):
     with pytest.raises(ConceptEvoError, match="does not exist"):
         load_config(tmp_path / "nope.toml")
-
-
-def test_workspace_errors(tmp_path):
-    with pytest.raises(WorkspaceError, match="no conceptevo workspace"):
-        Workspace(tmp_path / "none")
-    ws = Workspace(tmp_path / "w", create=True)
-    with pytest.raises(WorkspaceError, match="run `conceptevo run`"):
-        ws.neuron_embedding()
-    ws.manifest["version"] = 0
-    ws._flush()
-    with pytest.raises(WorkspaceError, match="format version 0"):
-        Workspace(tmp_path / "w")
-
-
-def test_lock_and_stale_lock(tmp_path):
-    with WorkspaceLock(tmp_path):
-        with pytest.raises(WorkspaceError, match="in use by process"):
-            with WorkspaceLock(tmp_path):
-                pass
-    assert WorkspaceLock.holder(tmp_path) is None and (tmp_path / ".lock").read_text() == ""
-    # a lock left by a process that no longer exists is taken over
-    pid = os.fork()
-    if pid == 0:
-        os._exit(0)
-    os.waitpid(pid, 0)
-    (tmp_path / ".lock").write_text(str(pid))
-    with WorkspaceLock(tmp_path):
-        assert (tmp_path / ".lock").read_text().strip() == str(os.getpid())
-        assert WorkspaceLock.holder(tmp_path) == os.getpid()
-
-
-def test_concurrent_writers_keep_each_others_stage_records(tmp_path):
-    a = Workspace(tmp_path / "w", create=True)
-    b = Workspace(tmp_path / "w")  # opened before a writes anything
-    a.finish("evaluation/vgg", "k1")
-    b.finish("evaluation/resnet", "k2")  # must not erase a's record
-    a.invalidate("evaluation/vgg")
-    b.finish("other", "k3")  # must not resurrect what a dropped
-    stages = Workspace(tmp_path / "w").manifest["stages"]
-    assert set(stages) == {"evaluation/resnet", "other"}

@@ -18,7 +18,6 @@ from conceptevo.errors import ConceptEvoError
 from conceptevo.stimuli import Stimuli
 from conceptevo.workspace import Workspace
 
-from _shared_workspace import fresh_copy, shared_workspace
 
 
 # ------------------------------------------------------------------------------------------------
@@ -138,8 +137,8 @@ def test_collapse_counts_neurons_sharing_stimuli_with_many_others():
 # ------------------------------------------------------------------------------------------------
 # workspace level: milestones, diagnose, CLI
 # ------------------------------------------------------------------------------------------------
-def test_milestone_speed_and_its_errors(tmp_path_factory):
-    ws = Workspace(shared_workspace(tmp_path_factory))
+def test_milestone_speed_and_its_errors(fabricated_study):
+    ws = Workspace(fabricated_study)
     speeds = milestone_speed(ws, "vgg", (0.25, 0.5, 0.75))
     assert [(s["from"], s["to"]) for s in speeds] == [("e0.5", "e1"), ("e1", "e2")]
     expect = np.linalg.norm(ws.projection("vgg", "e1").vectors - ws.projection("vgg", "e0.5").vectors, axis=1).mean()
@@ -149,8 +148,8 @@ def test_milestone_speed_and_its_errors(tmp_path_factory):
         milestone_speed(ws, "vgg", (0.5, 0.99), tolerance=0.1)
 
 
-def test_one_checkpoint_where_two_are_needed(tmp_path, tmp_path_factory):
-    ws = Workspace(fresh_copy(tmp_path, tmp_path_factory))
+def test_one_checkpoint_where_two_are_needed(fabricated_copy):
+    ws = Workspace(fabricated_copy)
     ws.manifest["models"]["vgg"]["checkpoints"] = ws.manifest["models"]["vgg"]["checkpoints"][-1:]
     ws._flush()
     with pytest.raises(ConceptEvoError, match="only 1 checkpoint"):
@@ -161,10 +160,10 @@ def test_one_checkpoint_where_two_are_needed(tmp_path, tmp_path_factory):
     assert any("one checkpoint" in n for n in d.notes)
 
 
-def test_diagnose_writes_metrics_and_plots(tmp_path, tmp_path_factory):
+def test_diagnose_writes_metrics_and_plots(tmp_path, fabricated_copy):
     from conceptevo.io import read_json
 
-    path = fresh_copy(tmp_path, tmp_path_factory)
+    path = fabricated_copy
     d = diagnose(path)
     assert set(d.checkpoints) == {"vgg", "resnet"}
     first, second = d.checkpoints["vgg"][:2]
@@ -177,10 +176,10 @@ def test_diagnose_writes_metrics_and_plots(tmp_path, tmp_path_factory):
     assert "distance moved between accuracy milestones" in d.table()
 
 
-def test_cli_commands_registered(tmp_path, tmp_path_factory, capsys):
+def test_cli_commands_registered(tmp_path, fabricated_copy, capsys):
     from conceptevo.cli import build_parser
 
-    path = fresh_copy(tmp_path, tmp_path_factory)
+    path = fabricated_copy
     p = build_parser()
     args = p.parse_args(["diagnose", str(path), "--out", str(tmp_path / "d")])
     assert args.fn(args) == 0
@@ -483,10 +482,10 @@ def test_lightning_callback_needs_lightning(monitored_runs, monkeypatch):
         monitor_module.ConceptMonitorCallback
 
 
-def test_monitor_from_workspace(tmp_path_factory):
+def test_monitor_from_workspace(fabricated_study):
     from conceptevo.models import build_model
 
-    path = shared_workspace(tmp_path_factory)
+    path = fabricated_study
     mon = monitor_from_workspace(path, probe_size=100, k=5)
     assert len(mon.probe) == 100
     model = build_model("vgg_like", in_channels=3, num_classes=10, width=4)

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from conceptevo.embedding import (NeuronEmbedding, ImageEmbedding, coactivation_pairs, embed_images, embed_neurons,
-                                  embed_neurons_reference, expected_pair_counts, fit_summary, objective, pair_counts,
-                                  sample_epoch, stimulus_matrix)
+                                  embed_neurons_reference, fit_summary, objective, sample_epoch, stimulus_matrix)
 from conceptevo.config import EmbeddingConfig, load_config
+from conceptevo.embedding.pairs import expected_pair_counts, pair_counts
 from conceptevo.embedding.neurons import changed_share, epoch_lr, nearest_neighbors, neighbor_jaccard
 from conceptevo.errors import ConceptEvoError
 from conceptevo.projection import fidelity, holdout_fidelity, project

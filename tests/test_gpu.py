@@ -10,7 +10,7 @@ import torch
 
 from conceptevo import find_stimuli
 from conceptevo.importance import evolution_importance, reversion_counts
-from conceptevo.importance._common import eval_mode
+from conceptevo.hooks import eval_mode
 from conceptevo.layers import resolve_layers
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

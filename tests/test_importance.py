@@ -24,7 +24,7 @@ from conceptevo.importance import (
     revert,
     stages_from_milestones,
 )
-from conceptevo.importance._common import eval_mode
+from conceptevo.hooks import eval_mode
 from conceptevo.layers import capture, resolve_layers
 
 NUM_CLASSES = 5

@@ -209,8 +209,6 @@ def test_no_import_cycle():
 UPWARD = {
     ("conceptevo.workspace", "conceptevo.results"):
         "Workspace.from_results, a documented shortcut to conceptevo.results.workspace_from_results",
-    ("conceptevo.diagnostics.monitor", "conceptevo.exports.wandb_export"):
-        "ConceptMonitor logs W&B rows with exports.wandb_export.metric_row (to move down into diagnostics)",
 }
 
 

@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 
 import fabricated
-from _shared_workspace import fresh_copy
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -83,9 +82,9 @@ FIGURES_SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_figure_functions_return_figures_and_leave_the_backend_alone(tmp_path, tmp_path_factory):
+def test_figure_functions_return_figures_and_leave_the_backend_alone(tmp_path, tmp_path_factory, fabricated_copy):
     ws = fabricated.shared(tmp_path_factory)
-    align = fresh_copy(tmp_path / "align", tmp_path_factory)
+    align = fabricated_copy
     out = tmp_path / "out"
     out.mkdir()
     proc = subprocess.run([sys.executable, "-c", FIGURES_SCRIPT, str(ws.path), str(align), str(out)], env=_env(),
@@ -245,6 +244,7 @@ def test_the_inline_explorer_loads_in_a_frame_of_another_loopback_page(tmp_path_
 
 
 # ================================================================================ the example notebook
+@pytest.mark.slow
 def test_the_example_notebook_runs_and_shows_its_figures_and_the_explorer(tmp_path, monkeypatch):
     """docs/example.ipynb executed by a real Jupyter kernel, as a reader would run it top to bottom."""
     nbformat = pytest.importorskip("nbformat")

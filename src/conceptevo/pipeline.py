@@ -22,7 +22,7 @@ from .models import list_checkpoints, validate_checkpoints
 from .models.checkpoints import checkpoint_hash
 from .patches import compute_patches
 from .preflight import check_test_split, describe_classes, resolve_channels, sanity_check
-from .projection import fit_layout, holdout_fidelity, project
+from .projection import UnifiedSpace, fit_layout, holdout_fidelity
 from .report import make_figures
 from .report.text import make_text_figures
 from .stimuli import Stimuli, find_stimuli, top_responses
@@ -186,7 +186,7 @@ def _run(ws: Workspace, config: StudyConfig, progress: bool, trust: bool, allow_
                                            progress, trust)
     img_key = _image_embedding_stage(ws, config, base_stim, neuron_emb, responses, num_images, emb_key, resp_key)
     # 5-6. every checkpoint in the unified space, and in its 2-D layout
-    proj_keys = _projection_stage(ws, config, models, stim_keys, img_key)
+    proj_keys = _projection_stage(ws, config, models, stim_keys, img_key, neuron_emb, responses)
     lay_key = _layout_stage(ws, config, models, neuron_emb, emb_key, proj_keys)
     # 7. example patches of every neuron at every checkpoint (from the recorded argmax positions; no data pass);
     # text: token contexts around the argmax tokens instead (conceptevo.contexts)
@@ -273,16 +273,18 @@ def _checkpoints(config: StudyConfig, models: dict):
     return [(m.name, row["tag"]) for m in config.models for row in models[m.name]["checkpoints"]]
 
 
-def _projection_stage(ws: Workspace, config: StudyConfig, models: dict, stim_keys: dict, img_key: str) -> list[str]:
+def _projection_stage(ws: Workspace, config: StudyConfig, models: dict, stim_keys: dict, img_key: str,
+                      neuron_emb: NeuronEmbedding, responses: np.ndarray) -> list[str]:
     """Every checkpoint's neurons projected into the unified space; returns the stages' keys."""
-    image_emb = ws.image_embedding()
+    space = UnifiedSpace.from_fitted(neuron_emb, ws.image_embedding(), responses, embedding=config.embedding,
+                                     images=config.images)
     keys = []
     for m, tag in _checkpoints(config, models):
         key = hash_json([stim_keys[(m, tag)], img_key])
         keys.append(key)
 
         def write(m=m, tag=tag):
-            save_npy(ws.projection_path(m, tag), project(ws.stimuli(m, tag, mmap=False), image_emb).vectors)
+            save_npy(ws.projection_path(m, tag), space.transform(ws.stimuli(m, tag, mmap=False)).vectors)
 
         ws.run_stage(f"projection/{m}/{tag}", key, write)
     return keys

@@ -29,7 +29,7 @@ from torch import nn
 
 from .data import sample_pool
 from .data.loader import iter_batches
-from .errors import ChanceAccuracyError, ConceptEvoError, DatasetError
+from .errors import ChanceAccuracyError, ConceptEvoError, DatasetError, NonFiniteActivationError
 from .io import hash_json
 from .models import build_model, list_checkpoints
 from .models.checkpoints import _read_state, extract_state_dict
@@ -166,8 +166,7 @@ def _hits(model: nn.Module, sample, device: str, batch_size: int, what: str) -> 
         if not isinstance(out, torch.Tensor) or out.dim() != 2:
             return -1
         if not torch.isfinite(out).all():
-            raise ConceptEvoError(f"layer {_first_nonfinite(model, images.to(device))!r} produced NaN or Inf activations; "
-                                  "check the checkpoint's weights and the input scaling")
+            raise NonFiniteActivationError(_first_nonfinite(model, images.to(device)))
         hits += int((out.argmax(dim=1).cpu() == labels).sum())
     return hits
 

@@ -31,7 +31,7 @@ from .errors import ConceptEvoError, WorkspaceError
 from .io import hash_json, save_npy
 from .models.checkpoints import Checkpoint
 from .patches import compute_patches
-from .projection import fit_layout, project
+from .projection import UnifiedSpace, fit_layout
 from .stimuli import Stimuli
 from .workspace import Workspace, WorkspaceLock
 
@@ -142,6 +142,7 @@ def workspace_from_results(path, stimuli, neuron_embedding, image_embedding, *, 
         raise ConceptEvoError(f"neuron_embedding must be a NeuronEmbedding (from embed_neurons), got {type(neuron_embedding).__name__}")
     if not isinstance(image_embedding, ImageEmbedding):
         raise ConceptEvoError(f"image_embedding must be an ImageEmbedding (from embed_images), got {type(image_embedding).__name__}")
+    space = UnifiedSpace.from_fitted(neuron_embedding, image_embedding)  # also checks that the two fit together
     try:
         base_model, base_tag = base
     except (TypeError, ValueError):
@@ -197,7 +198,7 @@ def workspace_from_results(path, stimuli, neuron_embedding, image_embedding, *, 
             key = hash_json([skey, img_key])
             proj_keys.append(key)
             ws.run_stage(f"projection/{m}/{t}", key,
-                         lambda m=m, t=t: save_npy(ws.projection_path(m, t), project(stimuli[m][t], image_embedding).vectors))
+                         lambda m=m, t=t: save_npy(ws.projection_path(m, t), space.transform(stimuli[m][t]).vectors))
 
         def write_layout():
             fitted = fit_layout(neuron_embedding, seed=seed, method=layout)

@@ -300,6 +300,31 @@ def checkpoint_metrics(stimuli, embedding, method: str = "knn", k: int = 3, jacc
     return CheckpointMetrics(model, tag, epoch, div, col, {}, dict(metrics or {}), method)
 
 
+def finite_or_none(x):
+    """A finite float, or None (W&B tables and JSON have no NaN)."""
+    if x is None:
+        return None
+    x = float(x)
+    return x if math.isfinite(x) else None
+
+
+def metric_row(prefix: str, per_layer: dict[str, dict], extra: dict | None = None) -> dict:
+    """``{f"{prefix}/{metric}/{layer}": value}`` for finite values of ``{metric: {layer: value}}``, plus ``extra``.
+
+    One row of per-layer metrics as a logger (W&B, the concept monitor) takes it.
+    """
+    row = {}
+    for metric, values in per_layer.items():
+        for layer, v in (values or {}).items():
+            v = finite_or_none(v)
+            if v is not None:
+                row[f"{prefix}/{metric}/{layer}"] = v
+    for key, v in (extra or {}).items():
+        if v is not None:
+            row[f"{prefix}/{key}"] = v
+    return row
+
+
 def _jsonable(obj):
     if isinstance(obj, dict):
         return {str(k): _jsonable(v) for k, v in obj.items()}
@@ -318,5 +343,5 @@ def _jsonable(obj):
 __all__ = [
     "ALL", "layer_of", "layer_groups", "diversity", "diversity_by_layer", "Movement", "distance_moved", "row_distances",
     "milestone_speed", "Collapse", "collapse", "jaccard_matrix", "default_min_others", "CheckpointMetrics",
-    "checkpoint_metrics",
+    "checkpoint_metrics", "metric_row",
 ]

@@ -50,7 +50,7 @@ from torch import nn
 from ..errors import ConceptEvoError, NonFiniteActivationError, check_positive
 from ..hooks import eval_mode, model_device
 from ..io import write_json
-from .metrics import ALL, _jsonable, collapse, distance_moved, diversity_by_layer
+from .metrics import ALL, _jsonable, collapse, distance_moved, diversity_by_layer, metric_row
 
 log = logging.getLogger(__name__)
 
@@ -358,8 +358,6 @@ class ConceptMonitor:
         run = self.wandb_run
         if run is None:
             return
-        from ..exports.wandb_export import metric_row
-
         if not self._wandb_ready:
             run.define_metric(f"{WANDB_PREFIX}/check")
             run.define_metric(f"{WANDB_PREFIX}/*", step_metric=f"{WANDB_PREFIX}/check")

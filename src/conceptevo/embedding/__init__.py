@@ -9,10 +9,10 @@ from __future__ import annotations
 from .images import ImageEmbedding, embed_images, fit_summary, stimulus_matrix
 from .neurons import (DEFAULT_EPOCHS, NeuronEmbedding, embed_neurons, embed_neurons_reference, objective,
                       sample_epoch)
-from .pairs import coactivation_pairs, expected_pair_counts, pair_counts, stimulus_memberships
+from .pairs import coactivation_pairs, stimulus_memberships
 
 __all__ = [
-    "coactivation_pairs", "pair_counts", "expected_pair_counts", "stimulus_memberships",
+    "coactivation_pairs", "stimulus_memberships",
     "NeuronEmbedding", "embed_neurons", "embed_neurons_reference", "objective", "sample_epoch", "DEFAULT_EPOCHS",
     "ImageEmbedding", "embed_images", "stimulus_matrix", "fit_summary",
 ]

@@ -23,11 +23,12 @@ you opened yourself (online or not) instead.
 from __future__ import annotations
 
 import logging
-import math
 from pathlib import Path
 
 import numpy as np
 
+from ..diagnostics.metrics import finite_or_none as _num
+from ..diagnostics.metrics import metric_row
 from ..errors import ConceptEvoError
 from ..patches import PatchStore
 from ..workspace import Workspace
@@ -47,28 +48,6 @@ def import_wandb():
         raise ConceptEvoError("the Weights & Biases export needs the wandb package: "
                               "pip install 'conceptevo[wandb]' (or pip install wandb)") from None
     return wandb
-
-
-def _num(x):
-    """A finite float, or None (W&B tables and JSON have no NaN)."""
-    if x is None:
-        return None
-    x = float(x)
-    return x if math.isfinite(x) else None
-
-
-def metric_row(prefix: str, per_layer: dict[str, dict], extra: dict | None = None) -> dict:
-    """``{f"{prefix}/{metric}/{layer}": value}`` for finite values of ``{metric: {layer: value}}``, plus ``extra``."""
-    row = {}
-    for metric, values in per_layer.items():
-        for layer, v in (values or {}).items():
-            v = _num(v)
-            if v is not None:
-                row[f"{prefix}/{metric}/{layer}"] = v
-    for key, v in (extra or {}).items():
-        if v is not None:
-            row[f"{prefix}/{key}"] = v
-    return row
 
 
 def _image(wandb, pic):

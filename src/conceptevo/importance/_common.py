@@ -1,23 +1,22 @@
 """Shared checks and plumbing for importance and reversion.
 
 Everything here is private: input validation that raises one-line
-:class:`~conceptevo.errors.ConceptEvoError` messages naming the fix, eval-mode
-handling, class sampling, and the output-replacing forward hooks that the
-gradient taps and the reversions need (read-only hooks use
-:func:`conceptevo.layers.capture`).
+:class:`~conceptevo.errors.ConceptEvoError` messages naming the fix, TF32
+handling and class sampling. Hooks, eval mode and device checks are
+:mod:`conceptevo.hooks`'.
 """
 from __future__ import annotations
 
 import logging
 from contextlib import contextmanager
-from typing import Callable, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
 from ..data.base import class_indices
-from ..errors import ConceptEvoError, DatasetError, LayerNotFoundError, check_positive
+from ..errors import ConceptEvoError, DatasetError, ModelInputError, check_positive
 from ..layers import resolve_layers
 
 log = logging.getLogger(__name__)
@@ -28,20 +27,6 @@ class ModelMismatchError(ConceptEvoError):
 
 
 # ---------------------------------------------------------------- models
-@contextmanager
-def eval_mode(*models: nn.Module):
-    """Put models in eval mode; restore each one's train/eval flags (of every submodule) on exit."""
-    saved = [[(m, m.training) for m in model.modules()] for model in models]
-    try:
-        for model in models:
-            model.eval()
-        yield
-    finally:
-        for flags in saved:
-            for m, training in flags:
-                m.training = training
-
-
 @contextmanager
 def full_precision():
     """Turn TF32 off for CUDA convolutions and matmuls (restored on exit).
@@ -58,23 +43,6 @@ def full_precision():
     finally:
         torch.backends.cudnn.allow_tf32 = cudnn
         torch.backends.cuda.matmul.allow_tf32 = matmul
-
-
-def check_device(model: nn.Module, device, role: str) -> torch.device:
-    """The torch.device to run on; error when ``model``'s weights live elsewhere."""
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConceptEvoError("device 'cuda' was asked for but no GPU is available; use device='cpu'")
-    p = next(iter(model.parameters()), None)
-    if p is not None:
-        here = p.device
-        same = here.type == device.type and (device.index is None or here.index is None or here.index == device.index)
-        if not same:
-            raise ConceptEvoError(
-                f"{role} is on {here} but device={str(device)!r}; move it first with {role}.to({str(device)!r}) "
-                f"or pass device={str(here)!r}"
-            )
-    return device
 
 
 def model_dtype(model: nn.Module) -> torch.dtype:
@@ -182,10 +150,7 @@ def run_model(model: nn.Module, x: torch.Tensor, first: bool) -> torch.Tensor:
     except RuntimeError as e:
         if not first:
             raise
-        raise ConceptEvoError(
-            f"images of shape {list(x.shape[1:])} cannot go through {type(model).__name__} "
-            f"({str(e).splitlines()[0][:160]}); give images with the channels and size the model was built for"
-        ) from None
+        raise ModelInputError(x.shape[1:], type(model).__name__, e) from None
 
 
 # ---------------------------------------------------------------- data
@@ -230,16 +195,19 @@ def check_class(dataset, class_index, labels: np.ndarray | None = None) -> np.nd
     return pos
 
 
-def sample_positions(pos: np.ndarray, num_images: int | None, rng: np.random.Generator) -> np.ndarray:
-    """A sorted seeded sample of ``num_images`` of ``pos`` (all of them when None or when too few)."""
-    if num_images is None:
+def sample_positions(pos: np.ndarray, sample_size: int | None, rng: np.random.Generator) -> np.ndarray:
+    """A sorted seeded sample of ``sample_size`` of the dataset positions ``pos`` (all of them when None or too few).
+
+    ``sample_size`` is what callers take as ``num_images=`` (or ``num_test_images=``); errors and logs name that.
+    """
+    if sample_size is None:
         return np.sort(pos)
-    check_positive("num_images", num_images, integer=True)
-    if num_images >= pos.size:
-        if num_images > pos.size:
-            log.info("the class has %d images, fewer than num_images=%d: using all of them", pos.size, num_images)
+    check_positive("num_images", sample_size, integer=True)
+    if sample_size >= pos.size:
+        if sample_size > pos.size:
+            log.info("the class has %d images, fewer than num_images=%d: using all of them", pos.size, sample_size)
         return np.sort(pos)
-    return np.sort(rng.choice(pos, size=num_images, replace=False))
+    return np.sort(rng.choice(pos, size=sample_size, replace=False))
 
 
 def explicit_positions(dataset, images) -> np.ndarray:
@@ -251,48 +219,3 @@ def explicit_positions(dataset, images) -> np.ndarray:
     if bad.size:
         raise DatasetError(f"images= holds position {int(bad[0])}, outside the dataset's {n} images; pass positions 0..{n - 1}")
     return pos
-
-
-# ---------------------------------------------------------------- hooks
-@contextmanager
-def replace_outputs(model: nn.Module, fns: Mapping[str, Callable[[torch.Tensor], torch.Tensor]]):
-    """Forward hooks whose return value replaces a layer's output; removed on exit.
-
-    Yields a dict counting how often each layer ran; :func:`require_once`
-    turns a layer that never ran (or ran more than once) into an error.
-    """
-    modules = dict(model.named_modules())
-    calls = {name: 0 for name in fns}
-    handles = []
-    try:
-        for name, fn in fns.items():
-            if name not in modules:
-                raise LayerNotFoundError(f"layer {name!r} is not a module of the model")
-
-            def hook(_mod, _inp, out, _name=name, _fn=fn):
-                if not isinstance(out, torch.Tensor):
-                    raise LayerNotFoundError(
-                        f"layer {_name!r} returns {type(out).__name__}, not a tensor; choose a module whose output is a tensor"
-                    )
-                calls[_name] += 1
-                return _fn(out)
-
-            handles.append(modules[name].register_forward_hook(hook))
-        yield calls
-    finally:
-        for h in handles:
-            h.remove()
-
-
-def require_once(calls: Mapping[str, int]) -> None:
-    never = [n for n, c in calls.items() if c == 0]
-    if never:
-        raise LayerNotFoundError(
-            f"layer(s) {', '.join(never)} never ran in the forward pass; choose modules that the model's forward() actually calls"
-        )
-    many = [f"{n} ({c} times)" for n, c in calls.items() if c > 1]
-    if many:
-        raise LayerNotFoundError(
-            f"layer(s) {', '.join(many)} ran more than once in one forward pass, so a neuron has no single activation map; "
-            "choose modules that run once per forward"
-        )

@@ -17,6 +17,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from ..errors import ConceptEvoError
+from ..hooks import layer_hooks
 
 log = logging.getLogger(__name__)
 
@@ -153,43 +154,13 @@ def probe_copy(model: nn.Module) -> nn.Module:
     return probe
 
 
-class _Stop(Exception):
-    pass
-
-
 def _forward_until(probe: nn.Module, x: torch.Tensor, layers: Sequence[str]) -> dict[str, torch.Tensor]:
     """Run ``probe`` on ``x`` until every layer in ``layers`` has produced its output; return those outputs."""
-    modules = dict(probe.named_modules())
-    outs: dict[str, torch.Tensor] = {}
-    wanted = set(layers)
-    handles = []
-
-    def make(name):
-        def hook(_m, _i, out):
-            if not isinstance(out, torch.Tensor):
-                raise ConceptEvoError(f"layer {name!r} returns {type(out).__name__}, not a tensor; choose a module whose output is a tensor")
-            outs[name] = out
-            if wanted.issubset(outs):
-                raise _Stop
-        return hook
-
-    try:
-        for name in layers:
-            if name not in modules:
-                raise ConceptEvoError(f"layer {name!r} is not a module of the model")
-            handles.append(modules[name].register_forward_hook(make(name)))
-        try:
-            with _PoolsAsAverages():
-                probe(x)
-        except _Stop:
-            pass
-    finally:
-        for h in handles:
-            h.remove()
-    missing = [n for n in layers if n not in outs]
-    if missing:
-        raise ConceptEvoError(f"layer(s) {', '.join(missing)} never ran in the forward pass; choose modules that forward() calls")
-    return outs
+    with layer_hooks(probe, layers, mode="until") as outs:
+        with _PoolsAsAverages():
+            probe(x)
+    outs.require_all()
+    return dict(outs)
 
 
 def _extent(g: torch.Tensor, axis: int) -> tuple[int, int]:

@@ -14,6 +14,7 @@ import numpy as np
 
 from ..errors import ConceptEvoError
 from ..io import load_npy, read_json
+from ..units import layers_of
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,7 @@ def neuron_ids(ws, model: str, tag: str) -> list[str] | None:
 
 def layer_index(ids) -> tuple[list[str], np.ndarray]:
     """The layers in order of first appearance and each neuron's layer position."""
-    layers = [nid.rpartition(":")[0] for nid in ids]
+    layers = layers_of(ids)
     order = list(dict.fromkeys(layers))
     pos = {name: i for i, name in enumerate(order)}
     return order, np.array([pos[l] for l in layers], dtype=np.int32)
@@ -79,7 +80,7 @@ def kmeans_groups(vectors: dict, k: int = 8, seed: int = 0, max_fit: int = 20000
     Returns ``({(model, tag): int32 labels (-1 where the vector is not finite)}, centres)``.
     At most ``max_fit`` rows (a seeded sample) are used to fit; every row is labelled.
     """
-    from sklearn.cluster import KMeans
+    from ..alignment.space import fit_kmeans, nearest_centre  # scikit-learn and the alignment package: on call
 
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ConceptEvoError(f"k (the number of K-means groups) must be a positive integer, got {k!r}")
@@ -87,32 +88,14 @@ def kmeans_groups(vectors: dict, k: int = 8, seed: int = 0, max_fit: int = 20000
     allv = np.concatenate(rows) if rows else np.zeros((0, 1), np.float32)
     if len(allv) == 0:
         return {key: None for key in vectors}, None
-    k = min(k, len(allv))
-    rng = np.random.default_rng(seed)
-    fit = allv if len(allv) <= max_fit else allv[rng.choice(len(allv), max_fit, replace=False)]
-    try:  # small problems: thread pools cost more than they give (and the machine may be shared)
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # pragma: no cover - a dependency of scikit-learn
-        from contextlib import nullcontext as threadpool_limits
-    with threadpool_limits(1 if len(fit) < 200_000 else None):
-        km = KMeans(n_clusters=k, n_init=3, random_state=seed).fit(fit.astype(np.float64))
-    centres = km.cluster_centers_.astype(np.float32)
-    out = {}
-    for key, v in vectors.items():
-        if v is None:
-            out[key] = None
-            continue
-        lab = np.full(len(v), -1, dtype=np.int32)
-        ok = np.isfinite(v).all(1)
-        if ok.any():
-            d = ((v[ok, None, :] - centres[None]) ** 2).sum(-1)
-            lab[ok] = d.argmin(1)
-        out[key] = lab
-    return out, centres
+    centres = fit_kmeans(allv, min(k, len(allv)), seed=seed, max_fit=max_fit).cluster_centers_.astype(np.float32)
+    return {key: None if v is None else nearest_centre(v, centres) for key, v in vectors.items()}, centres
 
 
 def distance_moved(ws, vectors: dict) -> dict[tuple[str, str], np.ndarray | None]:
     """Per neuron, the Euclidean distance its vector moved since the model's previous checkpoint (NaN for the first)."""
+    from ..diagnostics.metrics import row_distances  # the diagnostics package loads torch: on call
+
     out = {}
     for m in ws.models:
         prev = None
@@ -123,7 +106,7 @@ def distance_moved(ws, vectors: dict) -> dict[tuple[str, str], np.ndarray | None
             elif prev is None or prev.shape != v.shape:
                 out[(m, t)] = np.full(len(v), np.nan, dtype=np.float32)
             else:
-                out[(m, t)] = np.linalg.norm(v - prev, axis=1).astype(np.float32)
+                out[(m, t)] = row_distances(prev, v).astype(np.float32)
             prev = v
     return out
 

@@ -18,6 +18,7 @@ import numpy as np
 from .. import io
 from ..errors import ConceptEvoError, WorkspaceError
 from ..contexts import is_text_workspace
+from ..units import split_neuron_id
 from . import analysis
 from ._util import _check_formats, _workspace
 from .space import plot_space_grid
@@ -132,7 +133,6 @@ def plot_neuron_evolution(ws, path=None, neuron: str | None = None, model: str |
     Default: the base model's neuron whose vector travelled furthest. Returns
     the ``Figure``; with ``path``, also writes it in each of ``formats``.
     """
-    from ..layers import split_neuron_id
     from ..patches import PatchStore
 
     import matplotlib

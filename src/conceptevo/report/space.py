@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..units import layers_of
 from ._util import _check_formats, _workspace
 
 
 def layer_depth(neuron_ids) -> np.ndarray:
     """Each neuron's relative depth in its model: 0 for the first layer, 1 for the last."""
-    layers = [nid.rpartition(":")[0] for nid in neuron_ids]
+    layers = layers_of(neuron_ids)
     order = list(dict.fromkeys(layers))
     pos = {name: i for i, name in enumerate(order)}
     return np.array([pos[l] / max(len(order) - 1, 1) for l in layers], dtype=np.float32)

@@ -14,7 +14,8 @@ from ...data.loader import iter_batches
 from ...errors import ConceptEvoError, LayerNotFoundError
 from ...layers import capture, channel_axes, channel_axis_of
 from ...units import channel_masks, channels_first, num_channels
-from .._common import check_shapes, model_dtype, replace_outputs, require_once, run_model
+from ...hooks import replace_outputs
+from .._common import check_shapes, model_dtype, run_model
 
 log = logging.getLogger(__name__)
 
@@ -236,7 +237,7 @@ def reversion_counts(model_from: nn.Module, model_to: nn.Module, dataset, positi
                     for v in range(nvar[n]):
                         with replace_outputs(model_to, {n: lambda out, s=src, mv=m[v]: _replaced(out, s, mv)}) as calls:
                             logits = run_model(model_to, x, False)
-                        require_once(calls)
+                        calls.require_once()
                         reverted[n][v] += _correct(logits, y, 5)
             del acts_from
     shared = [f"{n} ({mode[n]})" for n in layers if mode.get(n, "direct") != "direct"]
@@ -281,7 +282,7 @@ def _forked_logits(model_to, layer, x, src, masks, mode: str):
         with _copied_inputs(block, masks.shape[0], x.shape[0]), \
                 replace_outputs(model_to, {layer: lambda out: _refork(out, src, masks)}) as calls:
             logits = run_model(model_to, x, False)
-    require_once(calls)
+    calls.require_once()
     return logits
 
 
