@@ -24,6 +24,15 @@ def cmd_demo(args) -> int:
     from .demo import run_demo
 
     t0 = time.perf_counter()
+    if args.text:
+        from .demo_text import run_text_demo
+
+        out = args.out if args.out != "demo-out" else "demo-text-out"
+        ws = run_text_demo(out, quick=args.quick, progress=not args.no_progress)
+        print(ws.summary())
+        print(f"figures: {ws.figures_dir / 'space.png'}, {ws.figures_dir / 'contexts.png'}, {ws.figures_dir / 'contexts.html'}")
+        print(f"done in {time.perf_counter() - t0:.0f} s")
+        return 0
     ws = run_demo(args.out, quick=args.quick, device=args.device, data_dir=args.data, progress=not args.no_progress)
     print(ws.summary())
     print(f"figure: {ws.figures_dir / 'space.png'}")
@@ -43,6 +52,8 @@ def cmd_run(args) -> int:
 
 
 def cmd_train(args) -> int:
+    if args.text:
+        return _train_text(args)
     from .data import open_dataset
     from .models import build_model
     from .models.train import TrainConfig, train
@@ -70,6 +81,25 @@ def cmd_train(args) -> int:
         print(monitor.summary())
     for c in cks:
         print(f"{c.tag:>8}  train top-1 {c.metrics['train_top1']:.3f}  test top-1 {c.metrics['test_top1']:.3f}  {c.path}")
+    return 0
+
+
+def _train_text(args) -> int:
+    """`conceptevo train --text`: a small language model with checkpoints as step folders (models/train_lm.py)."""
+    import torch
+
+    from .models.train_lm import DEMO_DEFAULTS, train_text
+
+    torch.set_num_threads(1)  # measured faster than two threads on a loaded 2-core machine
+    arch = "lm_tiny" if args.arch == "vgg_like" else args.arch
+    if arch not in ("lm_tiny", "gpt_neox_tiny"):
+        raise ConceptEvoError(f"--text trains lm_tiny or gpt_neox_tiny, not {arch!r}")
+    opts = {k: v for k, v in (("steps", args.steps), ("every", args.every), ("context", args.context)) if v is not None}
+    log_obj = train_text(args.out, corpus=args.corpus, arch=arch, tokenizer=args.tokenizer, seed=args.seed,
+                         device=args.device, **opts)
+    loss = log_obj["loss"]
+    print(f"{len(log_obj['checkpoints'])} checkpoints (steps {log_obj['checkpoints'][0]}..{log_obj['checkpoints'][-1]}) "
+          f"in {args.out}; train loss {loss[0]:.3f} -> {loss[-1]:.3f}" if loss else f"checkpoints in {args.out}")
     return 0
 
 
@@ -176,6 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="demo-out", help="output folder (default: demo-out)")
     d.add_argument("--quick", action="store_true", help="fewer images and epochs: a smoke test under 2 minutes")
     d.add_argument("--data", default=None, help="folder of the Fashion-MNIST IDX files (default: the Debian package's)")
+    d.add_argument("--text", action="store_true", help="the language-model demo: two small LMs on Shakespeare "
+                   "(--quick: generated text), output in demo-text-out unless --out")
 
     r = command("run", "run a study from a TOML config (reuses finished stages)", cmd_run, [TRUST, NO_PROGRESS])
     r.add_argument("config")
@@ -196,6 +228,14 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--every-steps", type=int, default=None, help="a checkpoint every N steps (default: fractions of epoch 1, then every epoch)")
     t.add_argument("--first-epoch-checkpoints", type=int, default=6, help="geometric within epoch 1: 6 gives 1/32, 1/16, ..., 1/2, 1")
     t.add_argument("--train-images", type=int, default=None, help="images per epoch (a seeded subset)")
+    # language models (conceptevo.models.train_lm)
+    t.add_argument("--text", action="store_true", help="train a small language model (lm_tiny, or --arch gpt_neox_tiny) "
+                   "on --corpus, checkpoints as step folders")
+    t.add_argument("--corpus", default="shakespeare", help="with --text: shakespeare, generated, or text files/a folder")
+    t.add_argument("--tokenizer", default="char", help="with --text: char, bpe, a tokenizer JSON or a Hugging Face folder")
+    t.add_argument("--steps", type=int, default=None, help="with --text: training steps (default 2000)")
+    t.add_argument("--every", type=int, default=None, help="with --text: a checkpoint every N steps after the log-spaced ones (default 200)")
+    t.add_argument("--context", type=int, default=None, help="with --text: tokens per window (default 64)")
     # concept diversity and collapse warnings while training (conceptevo.diagnostics.cli.train_monitor)
     t.add_argument("--monitor", default=None, metavar="BASE_WORKSPACE",
                    help="watch concept diversity/collapse at each checkpoint on this workspace's base space and warn early")

@@ -17,10 +17,14 @@ from .units import check_channel_axis
 from .records import check_name
 
 
+#: [data] keys of text studies (kind = "text")
+TEXT_KEYS = ("corpus", "tokenizer", "context", "stride")
+
+
 @dataclass(frozen=True)
 class DataConfig:
-    kind: str = "fashion-mnist"     # fashion-mnist | idx | folder | synthetic
-    path: str | None = None         # folder for idx / folder data (fashion-mnist: optional)
+    kind: str = "fashion-mnist"     # fashion-mnist | idx | folder | synthetic | text
+    path: str | None = None         # folder for idx / folder data (fashion-mnist: optional); text: files or a folder
     pool: int | None = 5000         # stimulus image pool: a seeded, class-balanced subset; None = all
     seed: int = 0
     options: dict = field(default_factory=dict)
@@ -32,10 +36,28 @@ class DataConfig:
     transform: str | None = None        # "package.module:name" or "path/to/file.py:name": a callable on [C, H, W] tensors
     classes: list | None = None         # class names in the model's output order (default: the data's own order)
     holdout: float | None = None        # hold out this seeded fraction of the training images as the test split
+    # text (kind = "text"): windows of a token stream are the "images"
+    corpus: str | None = None           # "shakespeare" or "generated" instead of a path
+    tokenizer: str | None = None        # "char" (default), "bpe", a saved tokenizer JSON file or a Hugging Face folder
+    context: int | None = None          # tokens per window (default 64)
+    stride: int | None = None           # tokens between window starts (default: context)
 
     def validate(self):
         if self.pool is not None:
             check_positive("data.pool", self.pool, integer=True)
+        text_keys = [k for k in TEXT_KEYS if getattr(self, k) is not None]
+        if self.kind == "text":
+            for k in ("context", "stride"):
+                if getattr(self, k) is not None:
+                    check_positive(f"data.{k}", getattr(self, k), integer=True)
+            if (self.corpus is None) == (self.path is None):
+                raise ConceptEvoError('[data] kind = "text" needs exactly one of path (text files or a folder) '
+                                      'and corpus ("shakespeare" or "generated")')
+            if self.corpus is not None and self.corpus not in ("shakespeare", "generated"):
+                raise ConceptEvoError(f"[data] corpus = {self.corpus!r}: use 'shakespeare' or 'generated', or give your "
+                                      "own text as path")
+        elif text_keys:
+            raise ConceptEvoError(f"[data] {', '.join(text_keys)} only apply to kind = \"text\" (kind is {self.kind!r})")
         _check_seed("data.seed", self.seed)
         if self.holdout is not None and not 0 < self.holdout < 1:
             raise ConceptEvoError(f"data.holdout must be a fraction between 0 and 1 (e.g. 0.2), got {self.holdout!r}")
@@ -54,7 +76,7 @@ class DataConfig:
 
     def dataset_options(self) -> dict:
         """The keyword arguments of :func:`conceptevo.data.open_dataset` this config gives."""
-        extra = {k: getattr(self, k) for k in ("resize", "crop", "mean", "std", "transform", "classes")
+        extra = {k: getattr(self, k) for k in ("resize", "crop", "mean", "std", "transform", "classes", *TEXT_KEYS)
                  if getattr(self, k) is not None}
         clash = sorted(set(extra) & set(self.options))
         if clash:

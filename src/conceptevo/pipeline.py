@@ -14,6 +14,7 @@ import numpy as np
 
 from . import distributed as ddp
 from .config import StudyConfig
+from .contexts import compute_contexts
 from .embedding import NeuronEmbedding, embed_images, embed_neurons, fit_summary
 from .errors import ConceptEvoError, check_device, check_memory, suggest
 from .io import hash_json, load_npy, save_npy
@@ -23,6 +24,7 @@ from .patches import compute_patches
 from .preflight import check_test_split, describe_classes, resolve_channels, sanity_check
 from .projection import UnifiedSpace, fit_layout, holdout_fidelity
 from .report import make_figures
+from .report.text import make_text_figures
 from .stimuli import Stimuli, find_stimuli, top_responses
 from .study import (  # noqa: F401  (the study's inputs; importable from here as before)
     build_for_dataset, holdout_split, load_model, model_defaults, open_study_dataset, open_study_images, study_pool,
@@ -186,11 +188,16 @@ def _run(ws: Workspace, config: StudyConfig, progress: bool, trust: bool, allow_
     # 5-6. every checkpoint in the unified space, and in its 2-D layout
     proj_keys = _projection_stage(ws, config, models, stim_keys, img_key, neuron_emb, responses)
     lay_key = _layout_stage(ws, config, models, neuron_emb, emb_key, proj_keys)
-    # 7. example patches of every neuron at every checkpoint (from the recorded argmax positions; no data pass)
-    with _Timer("example patches"):
-        compute_patches(ws, progress=progress, trust=trust)
+    # 7. example patches of every neuron at every checkpoint (from the recorded argmax positions; no data pass);
+    # text: token contexts around the argmax tokens instead (conceptevo.contexts)
+    text = config.data.kind == "text"
+    with _Timer("token contexts" if text else "example patches"):
+        if text:
+            compute_contexts(ws, pool.base if hasattr(pool, "base") else pool)
+        else:
+            compute_patches(ws, progress=progress, trust=trust)
     # 8. the pictures: the space per checkpoint side by side (Fig 2), neuron groups (Fig 1), an evolution (Fig 3)
-    _figures_stage(ws, lay_key)
+    _figures_stage(ws, lay_key, text=text)
     return ws
 
 
@@ -301,12 +308,13 @@ def _layout_stage(ws: Workspace, config: StudyConfig, models: dict, neuron_emb: 
     return key
 
 
-def _figures_stage(ws: Workspace, lay_key: str) -> None:
-    patch_keys = [ws.stage(n)["key"] for n in sorted(ws.manifest["stages"]) if n.startswith("patches/")]
+def _figures_stage(ws: Workspace, lay_key: str, text: bool = False) -> None:
+    patch_keys = [ws.stage(n)["key"] for n in sorted(ws.manifest["stages"])
+                  if n.startswith("contexts/" if text else "patches/")]
 
     def write():
         with _Timer("figures"):
-            paths = make_figures(ws)
+            paths = make_text_figures(ws) if text else make_figures(ws)
         return {"files": [str(Path(p).relative_to(ws.path)) for p in paths]}
 
     ws.run_stage("figures", hash_json([lay_key, patch_keys]), write)

@@ -10,6 +10,9 @@
   the sample's most frequent class, the best a constant guess can do) the run
   stops with :class:`~conceptevo.errors.ChanceAccuracyError`, naming the
   usual causes and the override. The result is recorded in the workspace.
+  For text (``kind = "text"``) it is next-token top-1 over every position of
+  a sample of windows against the share of the sample's most frequent next
+  token (the best constant guess: the unigram majority).
 - :func:`check_test_split`: whether ``evaluate-importance`` will find a test
   split; a warning says what will not be possible when there is none.
 - :func:`describe_classes`: the class mapping, for the log.
@@ -34,6 +37,9 @@ from .study import load_model, model_defaults, open_study_dataset, open_study_im
 
 log = logging.getLogger(__name__)
 
+#: Windows in the sanity check of a language model (every position counts: 200 windows of 64 tokens = 12800
+#: next-token predictions; positions in one window are not independent, so the binomial p is optimistic).
+TEXT_SANITY_WINDOWS = 200
 #: Significance level of the chance test: a model passes when P(at least its hits | chance) is below this.
 CHANCE_ALPHA = 0.01
 #: Sample size of the sanity check: this many images per class, within [SANITY_MIN, SANITY_MAX] (and the pool).
@@ -126,6 +132,25 @@ def sample_size(num_classes: int, pool_size: int) -> int:
 
 
 @torch.no_grad()
+def _next_token_hits(model: nn.Module, sample, device: str, batch_size: int, what: str) -> int:
+    """Correct top-1 next-token predictions of a language model over every position of ``sample``'s windows."""
+    from .models.lm import lm_logits
+
+    hits = 0
+    for ids, targets, _ in iter_batches(sample, batch_size):
+        try:
+            logits = lm_logits(model, ids.to(device))
+        except (RuntimeError, IndexError) as e:
+            raise ConceptEvoError(f"{what} fails on the study's token windows of shape {list(ids.shape[1:])} "
+                                  f"({str(e).splitlines()[0][:200]}); check the tokenizer ([data] tokenizer) and "
+                                  "the model's vocab_size and context") from None
+        if not torch.isfinite(logits).all():
+            raise ConceptEvoError(f"{what} produced NaN or Inf logits; check the checkpoint's weights")
+        hits += int((logits.argmax(dim=-1).cpu() == targets).sum())
+    return hits
+
+
+@torch.no_grad()
 def _hits(model: nn.Module, sample, device: str, batch_size: int, what: str) -> int:
     hits = 0
     for images, labels, _ in iter_batches(sample, batch_size):
@@ -178,17 +203,25 @@ def sanity_check(ws, config, pool, models: dict, trust: bool = False, allow_chan
     unchanged) and returned as ``{model: record}``.
     """
     sp = config.stimuli
-    ncls = len(np.unique(np.asarray(pool.targets)))
-    sample = sample_pool(pool, sample_size(ncls, len(pool)), seed=config.data.seed)
-    labels = np.asarray(sample.targets)
+    text = config.data.kind == "text"
+    if text:  # language models: next-token top-1 over every position of a sample of windows
+        sample = sample_pool(pool, min(len(pool), TEXT_SANITY_WINDOWS), seed=config.data.seed, per_class=False)
+        nexts = np.concatenate([np.asarray(t).ravel() for _, t, _ in iter_batches(sample, 256)])
+        labels = nexts
+    else:
+        ncls = len(np.unique(np.asarray(pool.targets)))
+        sample = sample_pool(pool, sample_size(ncls, len(pool)), seed=config.data.seed)
+        labels = np.asarray(sample.targets)
     chance = float(np.bincount(labels).max() / len(labels))
+    unit = "next tokens" if text else "pool images"
     for m in config.models:
         row = models[m.name]["checkpoints"][-1]
         key = hash_json([sample.fingerprint(), row["sha256"], m.arch, m.options] + ([m.loading()] if m.loading() else []))
         rec = ws.sanity_record(m.name)
         if rec is None or rec.get("key") != key:
             model = load_model(m.arch, m.options, row["path"], pool, trust=trust, **m.loading()).to(sp.device).eval()
-            hits = _hits(model, sample, sp.device, sp.batch_size, f"model {m.name!r} ({row['tag']})")
+            what = f"model {m.name!r} ({row['tag']})"
+            hits = (_next_token_hits if text else _hits)(model, sample, sp.device, sp.batch_size, what)
             rec = {"key": key, "tag": row["tag"], "images": len(labels), "seed": config.data.seed, "top1": None}
             if hits < 0:
                 log.warning("model %s: its output is not [batch, classes] logits; accuracy not checked", m.name)
@@ -197,11 +230,11 @@ def sanity_check(ws, config, pool, models: dict, trust: bool = False, allow_chan
             ws.record_sanity(m.name, rec)
         if rec.get("top1") is None:
             continue
-        log.info("sanity check: %s %s top-1 %.3f on %d pool images (chance %.3f; p = %.2g that chance does as well)",
-                 m.name, row["tag"], rec["top1"], rec["images"], rec["chance"], rec["p_value"])
+        log.info("sanity check: %s %s top-1 %.3f on %d %s (chance %.3f; p = %.2g that chance does as well)",
+                 m.name, row["tag"], rec["top1"], rec["images"], unit, rec["chance"], rec["p_value"])
         if rec["p_value"] >= CHANCE_ALPHA:
             msg = (f"model {m.name!r} scores top-1 {rec['top1']:.3f} at its last checkpoint {row['tag']} on "
-                   f"{rec['images']} pool images, not above chance ({rec['chance']:.3f}; binomial p = {rec['p_value']:.2g}); "
+                   f"{rec['images']} {unit}, not above chance ({rec['chance']:.3f}; binomial p = {rec['p_value']:.2g}); "
                    f"usual causes: {CAUSES}")
             if allow_chance or m.allow_chance:
                 log.warning("%s; continuing as allowed", msg)

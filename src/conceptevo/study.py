@@ -75,11 +75,17 @@ def open_study_dataset(data: DataConfig | dict, split: str = "train"):
 
 def study_pool(data: DataConfig):
     """The stimulus image pool: a seeded, class-balanced subset of the training split (never of held-out images)."""
-    return sample_pool(open_study_dataset(data, "train"), data.pool, seed=data.seed)
+    ds = open_study_dataset(data, "train")
+    # text windows: a uniform sample (balancing by the next token would over-sample rare characters)
+    return sample_pool(ds, data.pool, seed=data.seed, per_class=data.kind != "text")
 
 
 def model_defaults(dataset) -> dict:
-    """``in_channels`` and ``num_classes`` for a model of ``dataset``'s inputs and classes (model options override them)."""
+    """``in_channels`` and ``num_classes`` for a model of ``dataset``'s inputs and classes (model options override them);
+    for text windows, ``vocab_size`` (the tokenizer's) and ``context`` (the window length) instead."""
+    if getattr(dataset, "token_windows", False) or getattr(getattr(dataset, "base", None), "token_windows", False):
+        windows = dataset if getattr(dataset, "token_windows", False) else dataset.base
+        return {"vocab_size": int(windows.tokenizer.vocab_size), "context": int(windows.context)}
     return {"in_channels": int(dataset[0][0].shape[0]),
             "num_classes": max(len(getattr(dataset, "classes", []) or []), int(np.max(dataset.targets)) + 1)}
 

@@ -383,8 +383,9 @@ class Workspace:
         for m in self.models:
             rec = sanity.get(m)
             if isinstance(rec, dict) and isinstance(rec.get("top1"), (int, float)):
+                what = "next tokens" if (self.config.get("data") or {}).get("kind") == "text" else "pool images"
                 lines.append(f"  {m} {rec.get('tag', 'last')}: top-1 {rec['top1']:.3f} on {rec.get('images')} "
-                             f"pool images (chance {rec.get('chance', float('nan')):.3f})")
+                             f"{what} (chance {rec.get('chance', float('nan')):.3f})")
         rec = self.stage("embedding/images")
         if rec and isinstance(rec.get("rmse"), (int, float)):
             from .embedding.images import fit_summary  # numba: keeps `import conceptevo.workspace` light

@@ -39,6 +39,7 @@ DATASET_KINDS: dict[str, tuple[str, ...]] = {
     "idx": ("images", "labels", "name"),
     "folder": ("size", "channels", "skip_corrupt"),
     "synthetic": ("n", "size", "seed", "cache"),
+    "text": ("corpus", "tokenizer", "context", "stride"),
 }
 #: Options every kind accepts: preprocessing (see :mod:`conceptevo.data.transforms`) and the class order.
 PREPROCESS_OPTIONS = ("resize", "crop", "mean", "std", "transform", "classes", "class_to_idx")
@@ -58,6 +59,11 @@ def open_dataset(kind: str, path: str | os.PathLike | None = None, split: str = 
       Options ``size``, ``channels``, ``skip_corrupt``.
     - ``"synthetic"``: :class:`ConceptShapes` (no ``path``); options ``n``,
       ``size``, ``seed``, ``cache``.
+    - ``"text"``: :class:`~conceptevo.data.text.TextWindows` of the text files
+      or folder at ``path``, or of ``corpus="shakespeare"`` / ``"generated"``;
+      options ``tokenizer`` (``"char"`` default, ``"bpe"``, a saved tokenizer
+      JSON or a Hugging Face folder), ``context`` (default 64) and ``stride``
+      (default: context). No test split and no image preprocessing.
 
     Every kind also takes the preprocessing ``resize``, ``crop``, ``mean``,
     ``std`` and ``transform`` (a callable on the image tensor, or a
@@ -79,9 +85,29 @@ def open_dataset(kind: str, path: str | os.PathLike | None = None, split: str = 
             f"dataset kind {key!r} takes no option {', '.join(map(repr, unknown))}; its options: {allowed}"
             + suggest(unknown[0], DATASET_KINDS[key] + PREPROCESS_OPTIONS)
         )
+    if key == "text":
+        return _open_text(path, split, options)
     prep = {k: options.pop(k, None) for k in ("resize", "crop", "mean", "std", "transform")}
     order = {k: options.pop(k, None) for k in ("classes", "class_to_idx")}
     return _open(key, path, split, options, as_preprocess(**prep), order)
+
+
+def _open_text(path, split: str, options: dict):
+    """Windows of text (kind "text"): one stream, no test split (use ``holdout``); no image preprocessing."""
+    from .text import corpus_windows
+
+    if split != "train":
+        raise DatasetError(f"text data has no {split!r} split: the windows of one token stream are the training data; "
+                           "set [data] holdout = 0.1 to hold out windows instead")
+    image_only = sorted(k for k in options if k in PREPROCESS_OPTIONS and options[k] is not None)
+    if image_only:
+        raise DatasetError(f"text data takes no image option {', '.join(map(repr, image_only))}; drop it")
+    corpus = options.get("corpus")
+    if (corpus is None) == (path is None):
+        raise DatasetError("text data needs exactly one of a path (text files or a folder) and corpus= "
+                           "('shakespeare' or 'generated')")
+    return corpus_windows(corpus if corpus is not None else path, options.get("tokenizer") or "char",
+                          int(options.get("context") or 64), options.get("stride"))
 
 
 def _open(key: str, path, split: str, options: dict, preprocess, order: dict) -> ImageDataset:

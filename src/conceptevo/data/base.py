@@ -149,7 +149,8 @@ class Subset(ImageDataset):
     def __getitem__(self, i: int):
         j = int(self.indices[int(i)])
         item = self.base[j]
-        return item[0], int(item[1]), (int(item[2]) if len(item) > 2 else j)
+        label = item[1] if torch.is_tensor(item[1]) and item[1].dim() > 0 else int(item[1])  # text: next tokens [T]
+        return item[0], label, (int(item[2]) if len(item) > 2 else j)
 
     def image(self, i: int) -> torch.Tensor:
         j = int(self.indices[int(i)])

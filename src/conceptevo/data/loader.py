@@ -25,10 +25,22 @@ def _fast_source(dataset):
     return None
 
 
+def _token_source(dataset):
+    """(windows dataset, positions in it) for token windows (a dataset with ``token_windows = True`` and
+    ``batch(indices) -> (ids, targets)``, such as :class:`~conceptevo.data.text.TextWindows`), else None."""
+    if getattr(dataset, "token_windows", False):
+        return dataset, None
+    if isinstance(dataset, Subset) and getattr(dataset.base, "token_windows", False):
+        return dataset.base, dataset.indices
+    return None
+
+
 def iter_batches(dataset, batch_size: int = 256, shuffle: bool = False, seed: int = 0, positions=None,
                  num_workers: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Yield ``(images float32 [B,C,H,W], labels int64 [B], indices int64 [B])``.
 
+    Token windows (:class:`~conceptevo.data.text.TextWindows`) yield ``(ids int64 [B, T], next tokens
+    int64 [B, T], indices int64 [B])`` instead: token ids stay integers.
     ``positions`` restricts the pass to those positions of ``dataset``; ``indices``
     are always the images' indices in the full dataset.
     """
@@ -36,6 +48,15 @@ def iter_batches(dataset, batch_size: int = 256, shuffle: bool = False, seed: in
     order = np.arange(n) if positions is None else np.asarray(positions, dtype=np.int64)
     if shuffle:
         order = np.random.default_rng(seed).permutation(order)
+    tokens = _token_source(dataset)
+    if tokens is not None:
+        base, sub = tokens
+        for s in range(0, len(order), batch_size):
+            pos = order[s : s + batch_size]
+            idx = pos if sub is None else sub[pos]
+            ids, targets = base.batch(idx)
+            yield ids, targets, torch.as_tensor(idx, dtype=torch.int64)
+        return
     fast = _fast_source(dataset)
     if fast is not None:
         base, sub = fast

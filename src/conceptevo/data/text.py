@@ -521,7 +521,13 @@ class TextWindows(Dataset):
     LongTensor ``[context]``. ``stride`` defaults to ``context`` (windows that
     do not overlap). Every window is complete: the last ``len(tokens) - 1``
     tokens that do not fill one are left out.
+
+    Windows are a study's "images": ``len`` is the pool size, the index is the window number,
+    and :func:`~conceptevo.data.loader.iter_batches` hands out ``ids`` batches as integer tensors.
     """
+
+    #: tells :func:`~conceptevo.data.loader.iter_batches` to batch with :meth:`batch` and keep ids integer
+    token_windows = True
 
     def __init__(self, tokens: np.ndarray | Sequence[int] | torch.Tensor, context: int = 128, stride: int | None = None,
                  tokenizer: Tokenizer | None = None, name: str = "text"):
@@ -546,6 +552,12 @@ class TextWindows(Dataset):
 
     def __len__(self) -> int:
         return self.n_windows
+
+    @property
+    def targets(self) -> np.ndarray:
+        """Per window, one label: the token that follows its last token (int64 ``[len(self)]``), for code that
+        expects a dataset to have one label per item (pools, subsets)."""
+        return np.asarray(self.tokens[np.arange(self.n_windows) * self.stride + self.context], dtype=np.int64)
 
     def start(self, i: int) -> int:
         """The stream position of window ``i``'s first token."""
@@ -589,3 +601,17 @@ def shakespeare_windows(tokenizer: str | Tokenizer = "char", context: int = 128,
     tokens = np.concatenate([tk.encode_array(t + "\n") for t in texts])
     dtype = np.uint16 if tk.vocab_size <= 65536 else np.int32
     return TextWindows(tokens.astype(dtype), context, stride, tokenizer=tk, name="shakespeare")
+
+
+def corpus_windows(corpus: str | os.PathLike, tokenizer: str | Tokenizer = "char", context: int = 64,
+                   stride: int | None = None) -> TextWindows:
+    """Windows of a named corpus: ``"shakespeare"`` (the ``shakespeare`` package), ``"generated"``
+    (:func:`generated_text` with 20000 lines), or text files / a folder. The same call gives the same
+    windows and, for ``"char"``/``"bpe"``, the same tokenizer every time (fitted on the same text)."""
+    if str(corpus) == "shakespeare":
+        return shakespeare_windows(tokenizer, context, stride)
+    if str(corpus) == "generated":
+        text = generated_text(20000)
+        tk = make_tokenizer(tokenizer, [text])
+        return TextWindows(tk.encode_array(text), context, stride, tokenizer=tk, name="generated")
+    return open_text(corpus, tokenizer, context, stride)

@@ -23,6 +23,7 @@ API (all GET, JSON unless noted):
 * ``/api/neuron?model=M&tag=T&id=ID`` — one neuron at one checkpoint: layer, 2-D
   position, distance moved, group, stimuli (dataset indices, strengths, boxes).
 * ``/api/patches.png?model=M&tag=T&id=ID`` — its example patches side by side (PNG).
+  (Text studies: ``/api/neuron`` also gives ``contexts``, each ``{before, token, after}`` as plain text.)
 * ``/api/nearest?model=M&tag=T&id=ID[&k=5]`` — its nearest neurons in every other
   model (at the checkpoint nearest in time), in the unified space.
 """
@@ -438,6 +439,12 @@ class ExplorerHandler(OneRequestHandler):
             if d.store.has(model, tag):
                 out["stimuli"]["boxes"] = d.boxes(model, tag)[row].tolist()
                 out["patches"] = "/api/patches.png?" + urlencode({"model": model, "tag": tag, "id": q["id"]})
+            if ws.stage(f"contexts/{model}/{tag}") is not None:  # text: the stimuli as token contexts (plain text in JSON)
+                from ..contexts import context_strings, load_contexts, workspace_tokenizer
+
+                tk = workspace_tokenizer(ws)
+                out["contexts"] = [dict(zip(("before", "token", "after"), context_strings(tk, c)))
+                                   for c in load_contexts(ws, model, tag)[row]]
         return out
 
     def _nearest(self, q: dict) -> dict:

@@ -212,6 +212,9 @@ def export_tensorboard(ws, out, images: bool = True, combined: bool = True, seed
     """
     ProjectorConfig, text_format = _import_projector()
     ws = ws if isinstance(ws, Workspace) else Workspace(ws)
+    from ..contexts import require_images
+
+    require_images(ws, "the TensorBoard export (unit sprites are image patches)")
     out = Path(out)
     store = PatchStore(ws)
     labels = StimulusLabels(ws, store)

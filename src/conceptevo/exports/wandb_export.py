@@ -124,6 +124,9 @@ def export_wandb(ws, dir=None, project: str = "conceptevo", name: str | None = N
     """
     wandb = import_wandb()
     ws = ws if isinstance(ws, Workspace) else Workspace(ws)
+    from ..contexts import require_images
+
+    require_images(ws, "the Weights & Biases export (unit pictures are image patches)")
     if not ws.models:
         raise ConceptEvoError(f"the workspace {ws.path} lists no model; run the study first")
     own = run is None

@@ -22,6 +22,7 @@ from ..data.base import display_image
 from ..errors import ConceptEvoError, DatasetError, check_device, suggest
 from ..io import hash_json, new_figure, save_figure
 from ..patches import to_uint8_image
+from ..contexts import require_images
 from ..workspace import Workspace
 from .milestones import parse_stages, stages_from_milestones
 from .reversion import (
@@ -80,6 +81,7 @@ def importance_command(workspace, model: str, tag_from: str, tag_to: str, class_
     check_device(device)
     ddp.init_from_env(device)
     ws = Workspace(workspace)
+    require_images(ws, "neuron importance for a class (Eq 5-7) and its reversion evaluation")
     if tag_from == tag_to:
         raise ConceptEvoError(f"--from and --to are both {tag_from!r}; give two different checkpoints")
     ds = ws.dataset("train")
@@ -155,6 +157,7 @@ def evaluate_command(workspace, model: str, stages: str = "auto", classes="all",
     check_device(device)
     ddp.init_from_env(device)
     ws = Workspace(workspace)
+    require_images(ws, "neuron importance for a class (Eq 5-7) and its reversion evaluation")
     train = ws.dataset("train")
     try:
         test = ws.dataset("test")

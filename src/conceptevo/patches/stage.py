@@ -10,6 +10,7 @@ import numpy as np
 from ..data.base import display_image
 from ..errors import CheckpointError, ConceptEvoError, WorkspaceError
 from ..io import atomic_path, hash_json, load_npy, read_json, save_npy, write_json
+from ..contexts import require_images
 from ..workspace import Workspace
 from .receptive import ReceptiveField, receptive_fields
 from .sheets import SHEET_MAX, SheetGeometry, _resize, _write_sheets, crop_patches, to_uint8_image
@@ -44,6 +45,7 @@ def compute_patches(ws: Workspace, models: Sequence[str] | None = None, cell: in
     and checkpoints, for workspaces built from results in memory
     (:func:`conceptevo.results.workspace_from_results`).
     """
+    require_images(ws, "example patches")
     todo = _checkpoints_with_stimuli(ws, models, cell)
     if dataset is None:
         if not ws.config.get("data") and not force and ws.stage("patches/images") is not None \

@@ -17,10 +17,12 @@ import numpy as np
 
 from .. import io
 from ..errors import ConceptEvoError, WorkspaceError
+from ..contexts import is_text_workspace
 from ..units import split_neuron_id
 from . import analysis
 from ._util import _check_formats, _workspace
 from .space import plot_space_grid
+from .text import make_text_figures
 
 log = logging.getLogger(__name__)
 
@@ -264,6 +266,8 @@ def make_figures(ws, out: str | Path | None = None, formats=("png", "pdf"), neur
 
     ws = _workspace(ws)
     formats = _check_formats(formats)
+    if is_text_workspace(ws):  # token windows: contexts instead of image patches
+        return make_text_figures(ws, out, neuron=neuron, model=model, formats=formats)
     out = Path(out) if out is not None else ws.figures_dir
     vectors = analysis.unified_vectors(ws)
     plot_space_grid(ws, out / "space.png", formats=formats)

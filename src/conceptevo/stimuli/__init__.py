@@ -172,8 +172,9 @@ def find_stimuli(model: nn.Module, dataset, k: int = 10, layers=None, batch_size
         raise ConceptEvoError(f"k={k} is larger than the image pool ({n} images); lower k or use a larger pool")
     device = check_model_device(model, device)
     param = next(model.parameters(), None)
-    # images take the model's floating dtype (a float64 or float16 model gets float64 or float16 images)
-    in_dtype = param.dtype if param is not None and param.is_floating_point() else None
+    # images take the model's floating dtype (a float64 or float16 model gets float64 or float16 images);
+    # integer inputs (a language model's token ids) stay integer
+    model_dtype = param.dtype if param is not None and param.is_floating_point() else None
     per_batch = merge == "batch" or (merge == "auto" and device.type != "cpu")
     if channels_last:
         model.to(memory_format=torch.channels_last)
@@ -214,6 +215,7 @@ def find_stimuli(model: nn.Module, dataset, k: int = 10, layers=None, batch_size
                         idx = idx.pin_memory()
                         if not images.is_cuda:
                             images = images.pin_memory()
+                    in_dtype = model_dtype if images.is_floating_point() else None
                     images = images.to(device, dtype=in_dtype, non_blocking=True)
                     current["idx"] = idx.to(device, non_blocking=True)  # pinned (above) on a GPU: no host synchronisation
                     if channels_last and images.dim() == 4:
