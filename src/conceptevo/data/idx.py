@@ -111,7 +111,10 @@ def parse_idx(data: bytes, source: str = "<bytes>") -> np.ndarray:
             f"IDX file {source} is {what}: dimensions {list(dims)} of {dtype.name} need "
             f"{expected} bytes but it has {len(data)}; {fix}"
         )
-    arr = np.frombuffer(data, dtype=dtype, count=count, offset=header).reshape(dims)
+    try:
+        arr = np.frombuffer(data, dtype=dtype, count=count, offset=header).reshape(dims)
+    except ValueError:  # a zero dimension beside huge ones: no bytes needed, but no array numpy can shape
+        raise DatasetError(f"IDX file {source} has dimensions {list(dims)}, which no array can have; {fix}") from None
     if dtype.byteorder == ">":
         arr = arr.astype(dtype.newbyteorder("="))
     return arr
