@@ -292,7 +292,21 @@ class CharTokenizer:
         return _save_json(path, self.to_json())
 
 
-class BPETokenizer:
+class _WrappedTokenizer:
+    """What the BPE and Hugging Face tokenizers share: both wrap a library tokenizer ``self.tk``
+    with ``encode(text) -> list[int]`` (their own) and ``decode(ids) -> str``."""
+
+    def encode_array(self, text: str) -> np.ndarray:
+        return np.asarray(self.encode(text), np.int64)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.tk.decode([int(i) for i in ids])
+
+    def token_str(self, i: int) -> str:
+        return self.decode([i])
+
+
+class BPETokenizer(_WrappedTokenizer):
     """A byte-level BPE trained on the corpus with the ``tokenizers`` package (optional extra)."""
 
     kind = "bpe"
@@ -322,15 +336,6 @@ class BPETokenizer:
     def encode(self, text: str) -> list[int]:
         return self.tk.encode(text).ids
 
-    def encode_array(self, text: str) -> np.ndarray:
-        return np.asarray(self.encode(text), np.int64)
-
-    def decode(self, ids: Iterable[int]) -> str:
-        return self.tk.decode([int(i) for i in ids])
-
-    def token_str(self, i: int) -> str:
-        return self.decode([i])
-
     def to_json(self) -> dict:
         return {"kind": self.kind, "tokenizer": json.loads(self.tk.to_str())}
 
@@ -338,7 +343,7 @@ class BPETokenizer:
         return _save_json(path, self.to_json())
 
 
-class HFTokenizer:
+class HFTokenizer(_WrappedTokenizer):
     """A Hugging Face tokenizer read from a local folder (``transformers`` AutoTokenizer, local files only)."""
 
     kind = "hf"
@@ -365,15 +370,6 @@ class HFTokenizer:
 
     def encode(self, text: str) -> list[int]:
         return list(self.tk.encode(text, add_special_tokens=False))
-
-    def encode_array(self, text: str) -> np.ndarray:
-        return np.asarray(self.encode(text), np.int64)
-
-    def decode(self, ids: Iterable[int]) -> str:
-        return self.tk.decode([int(i) for i in ids])
-
-    def token_str(self, i: int) -> str:
-        return self.decode([i])
 
     def to_json(self) -> dict:
         return {"kind": self.kind, "folder": str(self.folder)}
