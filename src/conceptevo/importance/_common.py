@@ -17,6 +17,7 @@ from torch import nn
 
 from ..data.base import class_indices
 from ..errors import ConceptEvoError, DatasetError, ModelInputError, check_positive
+from ..hooks import check_model_device
 from ..layers import resolve_layers
 
 log = logging.getLogger(__name__)
@@ -69,6 +70,16 @@ def check_distinct(model_from: nn.Module, model_to: nn.Module) -> None:
         "model_from and model_to have identical weights (the same checkpoint twice?); "
         "compare two different epochs of the model"
     )
+
+
+def check_pair(model_from: nn.Module, model_to: nn.Module, layers, device) -> tuple[list[str], torch.device]:
+    """The checks every two-checkpoint computation starts with: two distinct models with the same
+    layers, both on ``device``. Returns the layer names and the device."""
+    check_distinct(model_from, model_to)
+    names = matching_layers(model_from, model_to, layers)
+    dev = check_model_device(model_from, device, "model_from")
+    check_model_device(model_to, device, "model_to")
+    return names, dev
 
 
 def matching_layers(model_from: nn.Module, model_to: nn.Module, layers) -> list[str]:

@@ -36,18 +36,17 @@ from ..data.base import indexed
 from ..data.loader import iter_batches
 from ..errors import ConceptEvoError, check_positive
 from ..io import atomic_path
-from ..hooks import capture, check_model_device, eval_mode, replace_outputs
+from ..hooks import capture, eval_mode, replace_outputs
 from ..layers import channel_axes, channel_axis_of
 from ..units import neuron_id, num_channels, split_neuron_id, sum_positions
 from ._common import (
     check_class,
     class_label,
-    check_distinct,
+    check_pair,
     check_shapes,
     explicit_positions,
     full_precision,
     labels_of,
-    matching_layers,
     model_dtype,
     run_model,
     sample_positions,
@@ -295,10 +294,7 @@ def evolution_importance(model_from: nn.Module, model_to: nn.Module, dataset, cl
     convolution's summation order).
     """
     check_positive("batch_size", batch_size, integer=True)
-    check_distinct(model_from, model_to)
-    names = matching_layers(model_from, model_to, layers)
-    dev = check_model_device(model_from, device, "model_from")
-    check_model_device(model_to, device, "model_to")
+    names, dev = check_pair(model_from, model_to, layers, device)
     dataset = indexed(dataset)
     labels = labels_of(dataset)
     class_pos = check_class(dataset, class_index, labels)

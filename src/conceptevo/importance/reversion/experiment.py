@@ -10,8 +10,8 @@ from tqdm.auto import tqdm
 from ... import distributed as ddp
 from ...data.base import indexed
 from ...errors import ConceptEvoError, check_positive
-from ...hooks import check_model_device, eval_mode
-from .._common import check_class, class_label, check_distinct, labels_of, matching_layers, sample_positions
+from ...hooks import eval_mode
+from .._common import check_class, check_pair, class_label, labels_of, sample_positions
 from ..scores import evolution_importance
 from .engine import reversion_counts
 from .tables import METRICS, RANDOM, SPLITS, ReversionResult, bin_labels
@@ -68,10 +68,7 @@ def evaluate_reversion(model_from: nn.Module, model_to: nn.Module, train_dataset
     check_positive("batch_size", batch_size, integer=True)
     if bins < 2:
         raise ConceptEvoError(f"bins must be at least 2, got {bins}")
-    check_distinct(model_from, model_to)
-    names = matching_layers(model_from, model_to, layers)
-    dev = check_model_device(model_from, device, "model_from")
-    check_model_device(model_to, device, "model_to")
+    names, dev = check_pair(model_from, model_to, layers, device)
     train_dataset = indexed(train_dataset)
     train_labels = labels_of(train_dataset)
     train_pos_all = check_class(train_dataset, class_index, train_labels)
