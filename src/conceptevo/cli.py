@@ -204,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     # -- a study: data and checkpoints -> the unified space ----------------------------------------
     d = command("demo", "train on Fashion-MNIST, build the unified space, write the pictures", cmd_demo, [DEVICE, NO_PROGRESS])
     d.add_argument("--out", default="demo-out", help="output folder (default: demo-out)")
-    d.add_argument("--quick", action="store_true", help="fewer images and epochs: a smoke test under 2 minutes")
+    d.add_argument("--quick", action="store_true", help="fewer images and epochs: a smoke test under a minute")
     d.add_argument("--data", default=None, help="folder of the Fashion-MNIST IDX files (default: the Debian package's)")
     d.add_argument("--text", action="store_true", help="the language-model demo: two small LMs on Shakespeare "
                    "(--quick: generated text), output in demo-text-out unless --out")

@@ -91,9 +91,10 @@ def _plan(ws: Workspace, config: StudyConfig, trust: bool = False):
     pool = study_pool(config.data)
     data_key = pool.fingerprint()
     num_images = len(pool.base) if hasattr(pool, "base") else len(pool)
-    log.info("stimulus pool: %d of the %d images of %s%s", len(pool), num_images,
+    text = config.data.kind == "text"
+    log.info("stimulus pool: %d of the %d %s of %s%s", len(pool), num_images, "windows" if text else "images",
              getattr(getattr(pool, "base", pool), "name", "the dataset"),
-             " (a seeded, class-balanced sample)" if len(pool) < num_images else "")
+             ("" if len(pool) == num_images else " (a seeded sample)" if text else " (a seeded, class-balanced sample)"))
     # before any pass: the image embedding alone holds a float32 vector per image
     check_memory(4.0 * num_images * config.embedding.dim, f"embedding.dim = {config.embedding.dim} (for {num_images} images)",
                  "lower embedding.dim (the paper uses 30)")
@@ -152,7 +153,8 @@ def _stimuli_stage(ws: Workspace | None, config: StudyConfig, passes: list[dict]
 def _record_data(ws: Workspace, config: StudyConfig, pool) -> None:
     """Log the class mapping and the test split; record the preprocessing, classes and split in the manifest."""
     data = config.data
-    log.info(describe_classes(pool, explicit=data.classes is not None))
+    if data.kind != "text":  # a language model's "classes" are its vocabulary: nothing to check by eye
+        log.info(describe_classes(pool, explicit=data.classes is not None))
     base = pool.base if hasattr(pool, "base") else pool
     pp = getattr(base, "preprocess", None)
     info = {"classes": list(getattr(pool, "classes", []) or []), "preprocess": pp.describe() if pp is not None else {},
