@@ -4,7 +4,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from conceptevo.config import StudyConfig
 from conceptevo.contexts import (context_html, context_strings, load_contexts, require_images, token_contexts,
@@ -13,34 +12,12 @@ from conceptevo.data import open_dataset
 from conceptevo.data.base import Subset
 from conceptevo.data.text import CharTokenizer, TextWindows
 from conceptevo.errors import ConceptEvoError, DatasetError
-from conceptevo.models.train_lm import load_lm_folder, train_text
-from conceptevo.pipeline import run_study
+from conceptevo.models.train_lm import load_lm_folder
 from text_reference import reference_text_stimuli
 
-SMALL = dict(context=32, d_model=32, n_layers=2, n_heads=2, batch_size=8, steps=12, every=6, log_until=2)
-
-
-def _config(tmp, runs, **data):
-    return StudyConfig.from_dict({
-        "study": {"out": str(tmp / "ws")},
-        "data": {"kind": "text", "corpus": "generated", "context": 32, "pool": 150, **data},
-        "models": [{"name": f"s{s}", "arch": "lm_tiny", "checkpoints": str(r),
-                    "options": {"d_model": 32, "n_layers": 2, "n_heads": 2}} for s, r in enumerate(runs)],
-        "stimuli": {"k": 5, "layers": ["blocks.*.mlp.act"]},
-        "layout": {"method": "pca"}})
-
-
 @pytest.fixture(scope="module")
-def study(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("textstudy")
-    torch.set_num_threads(1)
-    runs = []
-    for seed in (0, 1):
-        train_text(tmp / f"run{seed}", corpus="generated", seed=seed, **SMALL)
-        runs.append(tmp / f"run{seed}")
-    config = _config(tmp, runs)
-    ws = run_study(config, progress=False)
-    return tmp, runs, config, ws
+def study(text_study):
+    return text_study
 
 
 def test_run_study_on_text_writes_every_stage(study):

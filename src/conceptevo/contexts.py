@@ -77,12 +77,16 @@ def _show(s: str) -> str:
     return s
 
 
+def context_tokens(tokenizer, row: np.ndarray) -> list[str]:
+    """The token strings of one context row as they are (no marks, not escaped), ``''`` where there is no token."""
+    return [tokenizer.token_str(int(i)) if i >= 0 else "" for i in np.asarray(row)]
+
+
 def context_strings(tokenizer, row: np.ndarray) -> tuple[str, str, str]:
     """``(before, token, after)`` of one context row, decoded, with newlines and tabs as visible marks (not escaped)."""
-    row = np.asarray(row)
-    w = len(row) // 2
-    dec = lambda ids: "".join(tokenizer.token_str(int(i)) for i in ids if i >= 0)  # noqa: E731
-    return _show(dec(row[:w])), _show(dec(row[w:w + 1])), _show(dec(row[w + 1:]))
+    toks = context_tokens(tokenizer, row)
+    w = len(toks) // 2
+    return _show("".join(toks[:w])), _show(toks[w]), _show("".join(toks[w + 1:]))
 
 
 def context_html(tokenizer, row: np.ndarray) -> str:
