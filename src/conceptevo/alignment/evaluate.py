@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from ..config import DataConfig
-from ..contexts import VISIBLE, context_tokens, is_text_workspace, load_contexts, workspace_tokenizer
+from ..contexts import context_tokens, is_text_workspace, load_contexts, visible_marks, workspace_tokenizer
 from ..data.base import Subset, display_image
 from ..errors import ConceptEvoError, WorkspaceError
 from ..io import new_figure, save_figure, write_bytes, write_json
@@ -150,12 +150,7 @@ def argmax_token_concepts(ws, model: str, tag: str, dominance: float = 0.6, toke
     # one more entry, never a stimulus, holds the last token id so that every checkpoint's ids name the same tokens
     values = np.r_[flat, tk.vocab_size - 1]
     idx = np.where(valid, np.arange(flat.size).reshape(centre.shape), -1)
-    names = []
-    for i in range(tk.vocab_size):
-        s = tk.token_str(i)
-        for ch, mark in VISIBLE.items():
-            s = s.replace(ch, mark)
-        names.append(s)
+    names = [visible_marks(tk.token_str(i)) for i in range(tk.vocab_size)]
     return dominant_concepts(idx, {"token": values}, {"token": names}, dominance, pool=np.flatnonzero(valid.ravel()))
 
 

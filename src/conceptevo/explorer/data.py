@@ -265,7 +265,17 @@ class ExplorerData:
                "boxes": None}
         if self.store.has(m, t):
             out["boxes"] = b64(self.boxes(m, t), np.int32)
+        if self.ws.stage(f"contexts/{m}/{t}") is not None:
+            out["contexts"] = self.contexts(m, t)
         return out
+
+    def contexts(self, m: str, t: str) -> list[list[list[str]]]:
+        """Text studies: every unit's top contexts as ``[before, token, after]`` plain text (newlines as marks);
+        the page shows them as text nodes, and :meth:`script` keeps them from closing the script element."""
+        from ..contexts import context_strings, load_contexts, workspace_tokenizer
+
+        tk = self._once(("tokenizer",), lambda: workspace_tokenizer(self.ws))
+        return [[list(context_strings(tk, c)) for c in unit] for unit in load_contexts(self.ws, m, t)]
 
     def importance_payload(self, j: int) -> dict:
         r = self.importance[j]

@@ -7,7 +7,9 @@ The run holds
   ``y``: the explorer's frame, shared by every checkpoint), the distance it
   moved since the model's previous checkpoint, the classes of its stimuli, its
   top example patch (a ``wandb.Image``) and its unified-space vector (W&B's
-  table projection panel can lay those out itself);
+  table projection panel can lay those out itself); for text studies the
+  commonest argmax tokens of its contexts and its strongest context as text
+  (``top_token``, ``top_tokens``, ``top_context``) instead of classes and patch;
 * the diagnostics curves of :func:`conceptevo.diagnostics.diagnose`: per model,
   concept diversity, collapse and distance moved for the whole model (``all``)
   and each layer, and the checkpoint's accuracies, against the epoch
@@ -38,6 +40,9 @@ log = logging.getLogger(__name__)
 
 UNIT_COLUMNS = ["unit", "model", "checkpoint", "epoch", "layer", "channel", "x", "y", "moved", "top_class",
                 "top_classes", "patch", "vector"]
+#: Text studies: the commonest argmax tokens and the strongest context (text) instead of classes and a patch.
+TEXT_UNIT_COLUMNS = ["unit", "model", "checkpoint", "epoch", "layer", "channel", "x", "y", "moved", "top_token",
+                     "top_tokens", "top_context", "vector"]
 DIAGNOSTICS_COLUMNS = ["model", "checkpoint", "epoch", "layer", "diversity", "collapse", "moved", "train_top1", "test_top1"]
 
 
@@ -58,13 +63,17 @@ def _image(wandb, pic):
 
 
 def unit_tables(ws, wandb, images: bool = True) -> dict:
-    """``{"units/MODEL/TAG": wandb.Table}`` for every checkpoint with stimuli."""
+    """``{"units/MODEL/TAG": wandb.Table}`` for every checkpoint with stimuli (text studies: with each unit's
+    strongest context as text instead of its top patch)."""
+    from ..contexts import is_text_workspace
+
+    text = is_text_workspace(ws)
     store = PatchStore(ws)
-    labels = StimulusLabels(ws, store)
+    labels = None if text else StimulusLabels(ws, store)
     pictures = UnitPictures(ws, store, labels)
     tables = {}
     for cu in checkpoint_units(ws, labels, store):
-        has = images and pictures.has(cu.model, cu.tag)
+        has = images and not text and pictures.has(cu.model, cu.tag)
         layers, channels = cu.layers, cu.channels
         rows = []
         for i, nid in enumerate(cu.ids):
@@ -76,9 +85,10 @@ def unit_tables(ws, wandb, images: bool = True) -> dict:
                 x, y = _num(cu.xy[i, 0]), _num(cu.xy[i, 1])
             rows.append([nid, cu.model, cu.tag, _num(cu.epoch), layers[i], int(channels[i]) if channels[i].isdigit() else channels[i],
                          x, y, _num(cu.moved[i]) if cu.moved is not None else None, cu.top_class[i], cu.top_classes[i],
-                         _image(wandb, pictures.top_patch(cu.model, cu.tag, i)) if has else None, vec])
-        tables[f"units/{cu.model}/{cu.tag}"] = wandb.Table(columns=UNIT_COLUMNS, data=rows)
-    note = pictures.note() if images else None
+                         cu.top_context[i] if text else _image(wandb, pictures.top_patch(cu.model, cu.tag, i)) if has else None,
+                         vec])
+        tables[f"units/{cu.model}/{cu.tag}"] = wandb.Table(columns=TEXT_UNIT_COLUMNS if text else UNIT_COLUMNS, data=rows)
+    note = pictures.note() if images and not text else None
     if note:
         log.warning("%s", note)
     return tables
@@ -124,9 +134,6 @@ def export_wandb(ws, dir=None, project: str = "conceptevo", name: str | None = N
     """
     wandb = import_wandb()
     ws = ws if isinstance(ws, Workspace) else Workspace(ws)
-    from ..contexts import require_images
-
-    require_images(ws, "the Weights & Biases export (unit pictures are image patches)")
     if not ws.models:
         raise ConceptEvoError(f"the workspace {ws.path} lists no model; run the study first")
     own = run is None
