@@ -31,7 +31,7 @@ def test_run_study_on_text_writes_every_stage(study):
     for name in ("embedding/neurons", "embedding/images", "layout", "figures"):
         assert name in stages
     assert not any(n.startswith("patches/") for n in stages)
-    for f in ("space.png", "contexts.png", "contexts.html"):
+    for f in ("space.png", "groups.png", "contexts.png", "contexts.html"):
         assert (ws.figures_dir / f).stat().st_size > 0
     # the sanity check is next-token accuracy against the most frequent next token's share
     rec = ws.sanity_record("s0")
@@ -121,7 +121,6 @@ def test_text_folder_with_a_saved_tokenizer(tmp_path):
 
 
 def test_image_only_commands_refuse_text_workspaces(study):
-    from conceptevo.exports.projector import export_tensorboard
     from conceptevo.importance.commands import importance_command
     from conceptevo.patches import compute_patches
     from conceptevo.report import make_figures
@@ -131,11 +130,9 @@ def test_image_only_commands_refuse_text_workspaces(study):
         compute_patches(ws, progress=False)
     with pytest.raises(ConceptEvoError, match="importance .* not available for text"):
         importance_command(ws.path, "s0", "step0", "step12", "a", progress=False)
-    with pytest.raises(ConceptEvoError, match="TensorBoard export .* not available for text"):
-        export_tensorboard(ws, ws.path / "tb")
     # the report's figures on a text workspace are the text figures
     paths = make_figures(ws, out=ws.path / "again", formats=("png",))
-    assert {p.name for p in paths} == {"space.png", "contexts.png", "contexts.html"}
+    assert {p.name for p in paths} == {"space.png", "groups.png", "contexts.png", "contexts.html"}
 
 
 def test_cli_train_text_and_quick_text_demo(tmp_path, capsys):
@@ -150,7 +147,7 @@ def test_cli_train_text_and_quick_text_demo(tmp_path, capsys):
     ws_dir = tmp_path / "demo" / "workspace"
     manifest = json.loads((ws_dir / "manifest.json").read_text())
     assert {"layout", "figures", "contexts/seed1/step40"} <= set(manifest["stages"])
-    for f in ("space.png", "contexts.png", "contexts.html"):
+    for f in ("space.png", "groups.png", "contexts.png", "contexts.html"):
         assert (ws_dir / "figures" / f).stat().st_size > 0
     assert "contexts.html" in capsys.readouterr().out
 

@@ -11,7 +11,7 @@ unit's top patch (the crop of its strongest stimulus) and the stimulus images.
 
 Text studies (``[data] kind = "text"``) have token windows, not images: their
 units' "classes" are the argmax tokens of their contexts (``top_class``: the
-commonest, ``top_classes``: e.g. ``"e 6, ⏎ 3, a 1"``) and ``top_context`` is
+commonest, ``top_classes``: e.g. ``"e 6, ␣ 3, a 1"``) and ``top_context`` is
 the unit's strongest context as one line, the argmax token in brackets
 (``"the old m[a]n said"``), newlines and tabs as visible marks.
 
@@ -141,7 +141,8 @@ def class_summary(labels: np.ndarray, names: StimulusLabels, top: int = TOP_CLAS
 
 
 class TokenNames:
-    """The names of a text study's tokens, as :class:`StimulusLabels` names classes (newlines as marks)."""
+    """The names of a text study's tokens, as :class:`StimulusLabels` names classes: newlines and tabs as marks,
+    spaces as ``␣`` (a name alone, a space token would be blank, and a TSV cell trims it away)."""
 
     def __init__(self, ws):
         from ..contexts import workspace_tokenizer
@@ -151,7 +152,7 @@ class TokenNames:
     def name(self, label: int) -> str:
         from ..contexts import visible_marks
 
-        return visible_marks(self.tokenizer.token_str(int(label))) if label >= 0 else ""
+        return visible_marks(self.tokenizer.token_str(int(label))).replace(" ", "\u2423") if label >= 0 else ""
 
 
 def _text_summary(ws, names: TokenNames, m: str, t: str, stim) -> tuple[list[str], list[str], list[str]]:
