@@ -9,6 +9,7 @@ import pytest
 
 from conceptevo.contexts import context_strings, draw_context_line, load_contexts, workspace_tokenizer
 from conceptevo.report import analysis
+from test_explorer import browser, page, wait_ready  # noqa: F401  (fixtures)
 
 NASTY = ["</script><script>alert(1)</script>", "$\\frac{ x$", "\n", "<!--", "a\tb", "&amp;", "'\"", "x"]
 
@@ -178,3 +179,26 @@ def test_wandb_tables_give_text_units_their_contexts(text_study):
     c = {name: j for j, name in enumerate(cols)}
     for r, (top, tops, line) in zip(rows, _expected(ws, tk, "s0", "step12")):
         assert (r[c["top_token"]], r[c["top_tokens"]], r[c["top_context"]]) == (top, tops, line)
+
+
+def test_static_text_export_shows_contexts_as_text_in_a_browser(text_study, tmp_path, monkeypatch, page):  # noqa: F811
+    """From file://, selecting a unit lists its contexts; markup in them is shown as text, never run or parsed."""
+    import conceptevo.contexts as contexts
+    from conceptevo.explorer import ExplorerData, export_site
+
+    ws = text_study[3]
+    monkeypatch.setattr(contexts, "workspace_tokenizer", lambda ws: NastyTokenizer())
+    index = export_site(ws, tmp_path / "site", data=ExplorerData(ws, kmeans=4, public=True))
+    m = ws.models[0]
+    tag = ws.tags(m)[-1]
+    nid = ws.stimuli(m, tag).neuron_ids[3]
+    page.goto(index.as_uri() + f"?panels={m}")
+    wait_ready(page)
+    page.evaluate(f"window.__conceptevo.select({json.dumps(m)}, {json.dumps(nid)})")
+    page.wait_for_selector("#tab-neuron ol li mark")
+    items = page.evaluate("[...document.querySelectorAll('#tab-neuron ol li')].map(li => "
+                          "[li.childNodes[0].textContent, li.querySelector('mark').textContent, li.childNodes[2].textContent])")
+    want = [list(context_strings(NastyTokenizer(), c)) for c in load_contexts(ws, m, tag)[3]]
+    assert items == want
+    assert page.evaluate("document.querySelectorAll('#tab-neuron script, #tab-neuron b').length") == 0
+    assert page.errors == []
