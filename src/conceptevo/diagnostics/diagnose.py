@@ -277,13 +277,13 @@ def plot_diagnosis(diag: Diagnosis, folder=None) -> dict:
 
 
 def plot_layers(diag: Diagnosis):
-    """Diversity (top row) and distance moved (bottom row) of every layer per checkpoint, one column per model,
-    with training progress dotted (accuracy, or the run's per-step train loss)."""
+    """Diversity (top row) and distance moved (bottom row) of every layer per checkpoint, one column per model
+    (one scale per row), with training progress dotted (accuracy, or the run's per-step train loss)."""
     from ..io import new_figure
 
     models = list(diag.checkpoints)
     fig = new_figure(figsize=(4.6 * len(models) + 0.6, 6.0))
-    axes = fig.subplots(2, len(models), squeeze=False)
+    axes = fig.subplots(2, len(models), squeeze=False, sharey="row")   # models compared on one scale per row
     for j, m in enumerate(models):
         cs = diag.checkpoints[m]
         layers = list(dict.fromkeys(l for c in cs for l in c.layers))
