@@ -134,3 +134,16 @@ def test_evaluate_alignment_reads_contexts(text_study, tmp_path):
     assert "judge sees only the contexts" in report and "argmax token" in report
     with pytest.raises(ConceptEvoError, match="views='contexts'"):
         evaluate_alignment(ws, n_groups=4, tasks=5, cka=False, views="patches", out=tmp_path / "b")
+
+
+def test_cli_evaluate_alignment_on_a_text_study(text_study, tmp_path, capsys):
+    from conceptevo.cli import main
+
+    ws = text_study[3]
+    assert main(["evaluate-alignment", str(ws.path), "--groups", "4", "--tasks", "20", "--no-cka", "--views", "contexts",
+                 "--out", str(tmp_path / "a")]) == 0
+    out = capsys.readouterr().out
+    assert "intruder  within base" in out and "intruder  across models" in out
+    with pytest.raises(ConceptEvoError, match="'contexts' is for text studies"):
+        from conceptevo.alignment.evaluate import _Pictures
+        _Pictures(ws, None, "contexts")
