@@ -202,3 +202,33 @@ def test_static_text_export_shows_contexts_as_text_in_a_browser(text_study, tmp_
     assert items == want
     assert page.evaluate("document.querySelectorAll('#tab-neuron script, #tab-neuron b').length") == 0
     assert page.errors == []
+
+
+def test_wandb_diagnostics_of_a_text_study_are_against_the_step_with_the_loss(text_study):
+    from conceptevo.diagnostics import diagnose
+    from conceptevo.exports.wandb_export import DIAGNOSTICS_COLUMNS, log_diagnostics
+
+    ws = text_study[3]
+
+    class Run:
+        def __init__(self):
+            self.logged, self.defined = [], []
+
+        def define_metric(self, name, step_metric=None):
+            self.defined.append((name, step_metric))
+
+        def log(self, row):
+            self.logged.append(row)
+
+    run = Run()
+    fake = SimpleNamespace(Table=lambda columns, data: (columns, data))
+    assert log_diagnostics(ws, run, fake) == 10
+    assert ("s0/*", "s0/step") in run.defined
+    d = diagnose(ws, write=False)
+    got = [r for r in run.logged if "s1/step" in r]
+    assert [r["s1/step"] for r in got] == [0, 1, 2, 6, 12]
+    assert [r["s1/train_loss"] for r in got] == [c.metrics["train_loss"] for c in d.checkpoints["s1"]]
+    cols, rows = run.logged[-1]["diagnostics"]
+    assert cols == DIAGNOSTICS_COLUMNS
+    r = next(r for r in rows if r[0] == "s0" and r[1] == "step6" and r[3] == "all")
+    assert r[cols.index("step")] == 6 and r[cols.index("train_loss")] == d.checkpoints["s0"][3].metrics["train_loss"]

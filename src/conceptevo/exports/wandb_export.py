@@ -12,9 +12,10 @@ The run holds
   (``top_token``, ``top_tokens``, ``top_context``) instead of classes and patch;
 * the diagnostics curves of :func:`conceptevo.diagnostics.diagnose`: per model,
   concept diversity, collapse and distance moved for the whole model (``all``)
-  and each layer, and the checkpoint's accuracies, against the epoch
-  (``MODEL/epoch``; the checkpoint's position when epochs are unknown), and the
-  same numbers as a ``diagnostics`` table.
+  and each layer, and the checkpoint's accuracies (language-model runs: train
+  loss), against the epoch (``MODEL/epoch``; ``MODEL/step`` when only steps are
+  known, the checkpoint's position when neither is), and the same numbers as a
+  ``diagnostics`` table.
 
 By default the run is created in offline mode: nothing is sent and no account
 is needed; ``wandb sync DIR/wandb/offline-run-...`` uploads it later (wandb
@@ -43,7 +44,8 @@ UNIT_COLUMNS = ["unit", "model", "checkpoint", "epoch", "layer", "channel", "x",
 #: Text studies: the commonest argmax tokens and the strongest context (text) instead of classes and a patch.
 TEXT_UNIT_COLUMNS = ["unit", "model", "checkpoint", "epoch", "layer", "channel", "x", "y", "moved", "top_token",
                      "top_tokens", "top_context", "vector"]
-DIAGNOSTICS_COLUMNS = ["model", "checkpoint", "epoch", "layer", "diversity", "collapse", "moved", "train_top1", "test_top1"]
+DIAGNOSTICS_COLUMNS = ["model", "checkpoint", "epoch", "layer", "diversity", "collapse", "moved", "train_top1", "test_top1",
+                       "step", "train_loss"]
 
 
 def import_wandb():
@@ -106,17 +108,19 @@ def log_diagnostics(ws, run, wandb) -> int:
     rows, table = 0, []
     for m, cks in diag.checkpoints.items():
         known = all(c.epoch is not None for c in cks)
-        axis = f"{m}/epoch" if known else f"{m}/checkpoint"
+        steps = not known and all(c.step is not None for c in cks)   # language-model runs: by training step
+        axis = f"{m}/epoch" if known else f"{m}/step" if steps else f"{m}/checkpoint"
         run.define_metric(axis)
         run.define_metric(f"{m}/*", step_metric=axis)
         for j, c in enumerate(cks):
             per_layer = {"diversity": c.diversity, "collapse": c.collapse, "moved": c.moved}
-            acc = {k: _num(c.metrics.get(k)) for k in ("train_top1", "test_top1")}
-            run.log(metric_row(m, per_layer, {axis.rpartition("/")[2]: float(c.epoch) if known else j, **acc}))
+            acc = {k: _num(c.metrics.get(k)) for k in ("train_top1", "test_top1", "train_loss")}
+            x = float(c.epoch) if known else int(c.step) if steps else j
+            run.log(metric_row(m, per_layer, {axis.rpartition("/")[2]: x, **acc}))
             rows += 1
             for layer in c.diversity:
                 table.append([m, c.tag, _num(c.epoch), layer, _num(c.diversity.get(layer)), _num(c.collapse.get(layer)),
-                              _num(c.moved.get(layer)), acc["train_top1"], acc["test_top1"]])
+                              _num(c.moved.get(layer)), acc["train_top1"], acc["test_top1"], c.step, acc["train_loss"]])
     run.log({"diagnostics": wandb.Table(columns=DIAGNOSTICS_COLUMNS, data=table)})
     return rows
 
