@@ -112,7 +112,7 @@ def test_argmax_token_concepts_match_brute_force(text_study):
         assert len(c.names) == tk.vocab_size
         assert (np.asarray(ws.stimuli(m, t).indices) >= 0).all()
         prior = np.bincount(centre.ravel(), minlength=tk.vocab_size) / centre.size
-        alpha = 0.05 / tk.vocab_size
+        alpha = 0.05 / len(np.unique(centre))          # only the tokens that occur are tested
         for row in range(len(centre)):                 # brute force: of the tokens in >= 60% of the unit's contexts
             counts = np.bincount(centre[row], minlength=tk.vocab_size)  # and rare by chance, the one furthest
             ok = [v for v in range(tk.vocab_size)                      # above its prior
@@ -147,3 +147,19 @@ def test_cli_evaluate_alignment_on_a_text_study(text_study, tmp_path, capsys):
     with pytest.raises(ConceptEvoError, match="'contexts' is for text studies"):
         from conceptevo.alignment.evaluate import _Pictures
         _Pictures(ws, None, "contexts")
+
+
+def test_a_foreign_train_log_gives_no_loss_and_no_error(text_study, tmp_path):
+    import shutil
+
+    from conceptevo.models.checkpoints import Checkpoint
+    from conceptevo.diagnostics.diagnose import _with_train_loss
+
+    run = tmp_path / "run"
+    shutil.copytree(text_study[1][0] / "step6", run / "step6")
+    (run / "train_log.json").write_text('{"loss": "not a list", "epochs": 3}')
+    assert _with_train_loss(Checkpoint("step6", str(run / "step6"), step=6), {}) == {}
+    (run / "train_log.json").write_text('{"loss": [3.0, 2.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0]}')
+    assert _with_train_loss(Checkpoint("step6", str(run / "step6"), step=6), {}) == {"train_loss": 1.0}
+    got = _with_train_loss(Checkpoint("step6", str(run / "step6"), step=6, metrics={"train_top1": 0.5}), {})
+    assert got == {"train_top1": 0.5}     # accuracy recorded: the loss is not looked up

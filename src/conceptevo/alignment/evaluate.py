@@ -41,7 +41,7 @@ from ..patches import PatchStore, to_uint8_image
 from ..study import study_pool
 from ..workspace import Workspace, WorkspaceLock
 from .cka import compare_checkpoints, layer_responses
-from .coherence import coherence_test, dataset_concepts, dominant_concepts
+from .coherence import ConceptCoding, coherence_test, dataset_concepts, dominant_concepts
 from .intruder import context_features, description_matrix, intruder_test, neuron_description, picture_features
 from .space import kmeans_groups, neuron_table
 
@@ -141,17 +141,23 @@ def _views(ws, table, views: str):
 
 def argmax_token_concepts(ws, model: str, tag: str, dominance: float = 0.6, tokenizer=None):
     """Each unit's dominant argmax token (a :class:`~conceptevo.alignment.coherence.ConceptCoding` whose ids are
-    token ids) from one checkpoint's contexts; the priors are the tokens' shares among all its contexts."""
+    token ids and whose names are ``token=...`` for every token id) from one checkpoint's contexts.
+
+    The priors are the tokens' shares among all the checkpoint's contexts; only tokens that occur there are
+    tested (the significance threshold is 0.05 over their number), so a large vocabulary costs nothing.
+    """
     tk = tokenizer if tokenizer is not None else workspace_tokenizer(ws)
     ctx = load_contexts(ws, model, tag)
     valid = np.asarray(ws.stimuli(model, tag).indices) >= 0
     centre = ctx[:, :, ctx.shape[2] // 2].astype(np.int64)
-    flat = np.where(valid, centre, 0).ravel()
-    # one more entry, never a stimulus, holds the last token id so that every checkpoint's ids name the same tokens
-    values = np.r_[flat, tk.vocab_size - 1]
-    idx = np.where(valid, np.arange(flat.size).reshape(centre.shape), -1)
-    names = [visible_marks(tk.token_str(i)) for i in range(tk.vocab_size)]
-    return dominant_concepts(idx, {"token": values}, {"token": names}, dominance, pool=np.flatnonzero(valid.ravel()))
+    present = np.unique(centre[valid])
+    local = np.where(valid, np.searchsorted(present, centre), -1)
+    idx = np.where(valid, np.arange(centre.size).reshape(centre.shape), -1)
+    coded = dominant_concepts(idx, {"token": np.maximum(local, 0).ravel()}, None, dominance,
+                              pool=np.flatnonzero(valid.ravel()))
+    ids = np.where(coded.ids >= 0, present[np.maximum(coded.ids, 0)], -1)
+    names = [f"token={visible_marks(tk.token_str(i))}" for i in range(tk.vocab_size)]
+    return ConceptCoding(ids, names, coded.shares)
 
 
 def _settings(ws, table) -> list[dict]:

@@ -99,7 +99,12 @@ def _with_train_loss(checkpoint, losses_of: dict) -> dict:
     if run is None:
         return metrics
     if run not in losses_of:
-        losses_of[run] = list(run_losses(run))
+        try:
+            losses = [float(x) for x in run_losses(run)]
+        except (OSError, ValueError, KeyError, TypeError) as e:  # someone else's train_log.json: no loss from it
+            log.info("%s/train_log.json has no per-step 'loss' list conceptevo can read (%s): no train loss", run, e)
+            losses = []
+        losses_of[run] = losses
     loss = loss_at_step(losses_of[run], checkpoint.step)
     if loss is not None:
         metrics["train_loss"] = loss
@@ -138,7 +143,7 @@ def diagnose(workspace, method: str = "knn", jaccard: float = 0.5, min_others: i
                                     model=m, tag=c.tag, epoch=c.epoch, metrics=_with_train_loss(c, losses_of))
             cm.step = c.step
             run = run_of_checkpoint(c.path) if "train_loss" in cm.metrics else None
-            if run is not None and run in losses_of:
+            if run is not None and losses_of.get(run):
                 curves[m] = losses_of[run]
             if prev is not None:
                 cm.moved = distance_moved(prev, emb).by_layer
