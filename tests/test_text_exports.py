@@ -146,7 +146,7 @@ def test_tensorboard_export_gives_text_units_token_and_context_columns(text_stud
     assert lines[0].split("\t") == TEXT_UNIT_COLUMNS
     rows = [dict(zip(TEXT_UNIT_COLUMNS, line.split("\t"))) for line in lines[1:]]
     ids = ws.stimuli(m, t).neuron_ids
-    assert [r["unit"] for r in rows] == list(ids)
+    assert [r["unit"] for r in rows] == list(ids) and {r["step"] for r in rows} == {"6"}
     clean = lambda s: " ".join(s.split())  # noqa: E731  (a TSV cell holds no tabs or line breaks)
     for r, (top, tops, line) in zip(rows, _expected(ws, tk, m, t)):
         assert (r["top_token"], r["top_tokens"], r["top_context"]) == (clean(top) or "?", clean(tops) or "?", clean(line))
@@ -177,6 +177,7 @@ def test_wandb_tables_give_text_units_their_contexts(text_study):
     cols, rows = tables["units/s0/step12"]
     assert cols == TEXT_UNIT_COLUMNS
     c = {name: j for j, name in enumerate(cols)}
+    assert {r[c["step"]] for r in rows} == {12}
     for r, (top, tops, line) in zip(rows, _expected(ws, tk, "s0", "step12")):
         assert (r[c["top_token"]], r[c["top_tokens"]], r[c["top_context"]]) == (top, tops, line)
 

@@ -64,7 +64,7 @@ BLANK = 224            # grey level of the tile of a point without a picture
 MARKER = ".conceptevo-tensorboard"
 CONFIG = "projector_config.pbtxt"
 UNIT_COLUMNS = ["unit", "model", "checkpoint", "epoch", "layer", "channel", "top_class", "top_classes"]
-TEXT_UNIT_COLUMNS = ["unit", "model", "checkpoint", "epoch", "layer", "channel", "top_token", "top_tokens", "top_context"]
+TEXT_UNIT_COLUMNS = ["unit", "model", "checkpoint", "step", "layer", "channel", "top_token", "top_tokens", "top_context"]
 IMAGE_COLUMNS = ["image", "class"]
 
 
@@ -164,7 +164,8 @@ def _unit_points(cu: CheckpointUnits, pictures: UnitPictures, cell: int) -> _Poi
     layers, channels = cu.layers, cu.channels
     text = bool(cu.top_context)
     has = not text and pictures.has(cu.model, cu.tag)
-    rows = [[cu.ids[i], cu.model, cu.tag, _epoch_text(cu.epoch), layers[i], channels[i], cu.top_class[i] or "?",
+    when = ("?" if cu.step is None else str(cu.step)) if text else _epoch_text(cu.epoch)   # language models: by step
+    rows = [[cu.ids[i], cu.model, cu.tag, when, layers[i], channels[i], cu.top_class[i] or "?",
              cu.top_classes[i] or "?"] + ([cu.top_context[i]] if text else []) for i in ok]
     pics = [(lambda m=cu.model, t=cu.tag, r=int(i): pictures.top_patch(m, t, r)) if has else (lambda: None) for i in ok]
     return _Points(f"units: {cu.model} {cu.tag}", f"units/{cu.model}/{cu.tag}", TEXT_UNIT_COLUMNS if text else UNIT_COLUMNS,

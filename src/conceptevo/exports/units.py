@@ -53,6 +53,7 @@ class CheckpointUnits:
     top_class: list[str]              # most frequent class among the unit's stimuli ('' when unknown)
     top_classes: list[str]            # e.g. "sandal 6, sneaker 3, bag 1" (counts out of k)
     top_context: list[str] = field(default_factory=list)  # text studies: the strongest context, "be[f]ore" ('' else)
+    step: int | None = None           # the training step, where the checkpoint names one
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -204,10 +205,10 @@ def checkpoint_units(ws, labels: StimulusLabels | None = None, store=None) -> It
             prev = vectors
             if text:
                 first, top, lines = _text_summary(ws, tokens, m, t, stim)
-                yield CheckpointUnits(m, t, c.epoch, list(stim.neuron_ids), vectors, xy, moved, first, top, lines)
+                yield CheckpointUnits(m, t, c.epoch, list(stim.neuron_ids), vectors, xy, moved, first, top, lines, c.step)
             else:
                 first, top = class_summary(labels.labels(stim.indices), labels)
-                yield CheckpointUnits(m, t, c.epoch, list(stim.neuron_ids), vectors, xy, moved, first, top)
+                yield CheckpointUnits(m, t, c.epoch, list(stim.neuron_ids), vectors, xy, moved, first, top, step=c.step)
 
 
 class UnitPictures:

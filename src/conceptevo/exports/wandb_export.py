@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 UNIT_COLUMNS = ["unit", "model", "checkpoint", "epoch", "layer", "channel", "x", "y", "moved", "top_class",
                 "top_classes", "patch", "vector"]
 #: Text studies: the commonest argmax tokens and the strongest context (text) instead of classes and a patch.
-TEXT_UNIT_COLUMNS = ["unit", "model", "checkpoint", "epoch", "layer", "channel", "x", "y", "moved", "top_token",
+TEXT_UNIT_COLUMNS = ["unit", "model", "checkpoint", "step", "layer", "channel", "x", "y", "moved", "top_token",
                      "top_tokens", "top_context", "vector"]
 DIAGNOSTICS_COLUMNS = ["model", "checkpoint", "epoch", "layer", "diversity", "collapse", "moved", "train_top1", "test_top1",
                        "step", "train_loss"]
@@ -85,7 +85,7 @@ def unit_tables(ws, wandb, images: bool = True) -> dict:
             x = y = None
             if cu.xy is not None:
                 x, y = _num(cu.xy[i, 0]), _num(cu.xy[i, 1])
-            rows.append([nid, cu.model, cu.tag, _num(cu.epoch), layers[i], int(channels[i]) if channels[i].isdigit() else channels[i],
+            rows.append([nid, cu.model, cu.tag, cu.step if text else _num(cu.epoch), layers[i], int(channels[i]) if channels[i].isdigit() else channels[i],
                          x, y, _num(cu.moved[i]) if cu.moved is not None else None, cu.top_class[i], cu.top_classes[i],
                          cu.top_context[i] if text else _image(wandb, pictures.top_patch(cu.model, cu.tag, i)) if has else None,
                          vec])
