@@ -201,8 +201,35 @@ def test_static_text_export_shows_contexts_as_text_in_a_browser(text_study, tmp_
                           "[li.childNodes[0].textContent, li.querySelector('mark').textContent, li.childNodes[2].textContent])")
     want = [list(context_strings(NastyTokenizer(), c)) for c in load_contexts(ws, m, tag)[3]]
     assert items == want
+    # across training: the unit's strongest context at every checkpoint
+    page.wait_for_function(f"document.querySelectorAll('#trajrows .row mark').length === {len(ws.tags(m))}")
+    rows = page.evaluate("[...document.querySelectorAll('#trajrows .row .ctx')].map(s => s.textContent)")
+    assert rows == ["".join(context_strings(NastyTokenizer(), load_contexts(ws, m, t)[3][0])) for t in ws.tags(m)]
     assert page.evaluate("document.querySelectorAll('#tab-neuron script, #tab-neuron b').length") == 0
+    # hovering a unit shows its strongest context, not a missing-patches note
+    page.evaluate("window.__conceptevo.setStep(0)")
+    page.wait_for_timeout(200)
+    row = page.evaluate("window.__conceptevo.isolated(0, 4)")
+    pos = page.evaluate(f"window.__conceptevo.screenPos(0, {row})")
+    page.mouse.move(pos["x"] + 1, pos["y"])
+    page.wait_for_selector("#tooltip:not([hidden]) .tc mark")
+    first = ws.tags(m)[0]
+    want = "".join(context_strings(NastyTokenizer(), load_contexts(ws, m, first)[row][0]))
+    assert page.evaluate("document.querySelector('#tooltip .tc').textContent") == want
+    assert "no patches" not in page.evaluate("document.getElementById('tooltip').textContent")
     assert page.errors == []
+
+
+def test_explorer_meta_of_a_text_study_asks_for_no_patches(text_study):
+    from conceptevo.explorer import ExplorerData
+
+    ws = text_study[3]
+    data = ExplorerData(ws, kmeans=4)
+    meta = data.meta()
+    assert meta["text"] is True and not any(x["what"] == "patches" for x in meta["missing"])
+    tk = workspace_tokenizer(ws)
+    top = data.checkpoint(1, 2)["top"]
+    assert top == [list(context_strings(tk, unit[0])) for unit in load_contexts(ws, "s1", ws.tags("s1")[2])]
 
 
 def test_wandb_diagnostics_of_a_text_study_are_against_the_step_with_the_loss(text_study):
