@@ -106,3 +106,39 @@ def fabricated_copy(fabricated_study, tmp_path):
     dst = tmp_path / "fabricated-study"
     shutil.copytree(fabricated_study, dst)
     return dst
+
+
+TEXT_SMALL = dict(context=32, d_model=32, n_layers=2, n_heads=2, batch_size=8, steps=12, every=6, log_until=2)
+
+
+def text_study_config(tmp, runs, **data):
+    """A text study of lm_tiny runs on the generated corpus (two layers, k = 5, 150 windows)."""
+    from conceptevo.config import StudyConfig
+
+    return StudyConfig.from_dict({
+        "study": {"out": str(tmp / "ws")},
+        "data": {"kind": "text", "corpus": "generated", "context": 32, "pool": 150, **data},
+        "models": [{"name": f"s{s}", "arch": "lm_tiny", "checkpoints": str(r),
+                    "options": {"d_model": 32, "n_layers": 2, "n_heads": 2}} for s, r in enumerate(runs)],
+        "stimuli": {"k": 5, "layers": ["blocks.*.mlp.act"]},
+        "layout": {"method": "pca"}})
+
+
+@pytest.fixture(scope="session")
+def text_study(tmp_path_factory):
+    """``(folder, runs, config, workspace)`` of one small text study per session: two lm_tiny runs (seeds 0
+    and 1, 12 steps, checkpoints step0/1/2/6/12) studied end to end. Read it; write outputs elsewhere (out=)."""
+    from conceptevo.models.train_lm import train_text
+    from conceptevo.pipeline import run_study
+
+    tmp = tmp_path_factory.mktemp("textstudy")
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    runs = []
+    for seed in (0, 1):
+        train_text(tmp / f"run{seed}", corpus="generated", seed=seed, **TEXT_SMALL)
+        runs.append(tmp / f"run{seed}")
+    config = text_study_config(tmp, runs)
+    ws = run_study(config, progress=False)
+    torch.set_num_threads(before)
+    return tmp, runs, config, ws

@@ -95,7 +95,7 @@ def test_figure_functions_return_figures_and_leave_the_backend_alone(tmp_path, t
     assert got["pyplot"] is False, "a figure function imported pyplot (global figure state)"
     assert got["not_figures"] == []
     assert set(got["titles"]) == {"space", "groups", "evolution", "evolutions", "reversion",
-                                  "diagnosis-diversity", "diagnosis-speed", "diagnosis-collapse"}
+                                  "diagnosis-diversity", "diagnosis-speed", "diagnosis-collapse", "diagnosis-layers"}
     assert got["titles"]["space"] == "Unified semantic space, per checkpoint"
     assert got["titles"]["diagnosis-speed"].startswith("speed per checkpoint")
     # a path writes the formats asked for, no path writes nothing; make_figures still lists what it wrote

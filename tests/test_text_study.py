@@ -4,7 +4,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from conceptevo.config import StudyConfig
 from conceptevo.contexts import (context_html, context_strings, load_contexts, require_images, token_contexts,
@@ -13,34 +12,12 @@ from conceptevo.data import open_dataset
 from conceptevo.data.base import Subset
 from conceptevo.data.text import CharTokenizer, TextWindows
 from conceptevo.errors import ConceptEvoError, DatasetError
-from conceptevo.models.train_lm import load_lm_folder, train_text
-from conceptevo.pipeline import run_study
+from conceptevo.models.train_lm import load_lm_folder
 from text_reference import reference_text_stimuli
 
-SMALL = dict(context=32, d_model=32, n_layers=2, n_heads=2, batch_size=8, steps=12, every=6, log_until=2)
-
-
-def _config(tmp, runs, **data):
-    return StudyConfig.from_dict({
-        "study": {"out": str(tmp / "ws")},
-        "data": {"kind": "text", "corpus": "generated", "context": 32, "pool": 150, **data},
-        "models": [{"name": f"s{s}", "arch": "lm_tiny", "checkpoints": str(r),
-                    "options": {"d_model": 32, "n_layers": 2, "n_heads": 2}} for s, r in enumerate(runs)],
-        "stimuli": {"k": 5, "layers": ["blocks.*.mlp.act"]},
-        "layout": {"method": "pca"}})
-
-
 @pytest.fixture(scope="module")
-def study(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("textstudy")
-    torch.set_num_threads(1)
-    runs = []
-    for seed in (0, 1):
-        train_text(tmp / f"run{seed}", corpus="generated", seed=seed, **SMALL)
-        runs.append(tmp / f"run{seed}")
-    config = _config(tmp, runs)
-    ws = run_study(config, progress=False)
-    return tmp, runs, config, ws
+def study(text_study):
+    return text_study
 
 
 def test_run_study_on_text_writes_every_stage(study):
@@ -54,7 +31,7 @@ def test_run_study_on_text_writes_every_stage(study):
     for name in ("embedding/neurons", "embedding/images", "layout", "figures"):
         assert name in stages
     assert not any(n.startswith("patches/") for n in stages)
-    for f in ("space.png", "contexts.png", "contexts.html"):
+    for f in ("space.png", "groups.png", "contexts.png", "contexts.html"):
         assert (ws.figures_dir / f).stat().st_size > 0
     # the sanity check is next-token accuracy against the most frequent next token's share
     rec = ws.sanity_record("s0")
@@ -144,7 +121,6 @@ def test_text_folder_with_a_saved_tokenizer(tmp_path):
 
 
 def test_image_only_commands_refuse_text_workspaces(study):
-    from conceptevo.exports.projector import export_tensorboard
     from conceptevo.importance.commands import importance_command
     from conceptevo.patches import compute_patches
     from conceptevo.report import make_figures
@@ -154,11 +130,9 @@ def test_image_only_commands_refuse_text_workspaces(study):
         compute_patches(ws, progress=False)
     with pytest.raises(ConceptEvoError, match="importance .* not available for text"):
         importance_command(ws.path, "s0", "step0", "step12", "a", progress=False)
-    with pytest.raises(ConceptEvoError, match="TensorBoard export .* not available for text"):
-        export_tensorboard(ws, ws.path / "tb")
     # the report's figures on a text workspace are the text figures
     paths = make_figures(ws, out=ws.path / "again", formats=("png",))
-    assert {p.name for p in paths} == {"space.png", "contexts.png", "contexts.html"}
+    assert {p.name for p in paths} == {"space.png", "groups.png", "contexts.png", "contexts.html"}
 
 
 def test_cli_train_text_and_quick_text_demo(tmp_path, capsys):
@@ -173,7 +147,7 @@ def test_cli_train_text_and_quick_text_demo(tmp_path, capsys):
     ws_dir = tmp_path / "demo" / "workspace"
     manifest = json.loads((ws_dir / "manifest.json").read_text())
     assert {"layout", "figures", "contexts/seed1/step40"} <= set(manifest["stages"])
-    for f in ("space.png", "contexts.png", "contexts.html"):
+    for f in ("space.png", "groups.png", "contexts.png", "contexts.html"):
         assert (ws_dir / "figures" / f).stat().st_size > 0
     assert "contexts.html" in capsys.readouterr().out
 

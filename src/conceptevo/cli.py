@@ -328,8 +328,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--groups", type=int, default=None, help="number of K-means groups (default: base neurons / 15)")
     a.add_argument("--tasks", type=int, default=200, help="intruder tasks per setting")
     a.add_argument("--seed", type=int, default=0)
-    a.add_argument("--views", default="auto", choices=["auto", "patches", "images"],
-                   help="what the judge sees: example patches (when computed) or stimulus images")
+    a.add_argument("--views", default="auto", choices=["auto", "patches", "images", "contexts"],
+                   help="what the judge sees: example patches (when computed) or stimulus images; for text "
+                        "studies their top contexts")
     a.add_argument("--no-cka", action="store_true", help="skip the layer-level CKA comparison (it loads checkpoints)")
     a.add_argument("--cka-images", type=int, default=500)
     a.add_argument("--out", default=None, help="output folder (default WORKSPACE/alignment)")

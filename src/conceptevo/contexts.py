@@ -71,18 +71,23 @@ def token_contexts(windows, indices: np.ndarray, positions: np.ndarray, width: i
     return np.where(ok, toks, -1).astype(np.int32)
 
 
-def _show(s: str) -> str:
+def visible_marks(s: str) -> str:
+    """``s`` with newlines, carriage returns and tabs as visible marks (:data:`VISIBLE`); not escaped."""
     for ch, mark in VISIBLE.items():
         s = s.replace(ch, mark)
     return s
 
 
+def context_tokens(tokenizer, row: np.ndarray) -> list[str]:
+    """The token strings of one context row as they are (no marks, not escaped), ``''`` where there is no token."""
+    return [tokenizer.token_str(int(i)) if i >= 0 else "" for i in np.asarray(row)]
+
+
 def context_strings(tokenizer, row: np.ndarray) -> tuple[str, str, str]:
     """``(before, token, after)`` of one context row, decoded, with newlines and tabs as visible marks (not escaped)."""
-    row = np.asarray(row)
-    w = len(row) // 2
-    dec = lambda ids: "".join(tokenizer.token_str(int(i)) for i in ids if i >= 0)  # noqa: E731
-    return _show(dec(row[:w])), _show(dec(row[w:w + 1])), _show(dec(row[w + 1:]))
+    toks = context_tokens(tokenizer, row)
+    w = len(toks) // 2
+    return visible_marks("".join(toks[:w])), visible_marks(toks[w]), visible_marks("".join(toks[w + 1:]))
 
 
 def context_html(tokenizer, row: np.ndarray) -> str:
@@ -163,12 +168,30 @@ def neuron_contexts_html(ws, neuron: str, model: str | None = None, k: int | Non
     return f"<!doctype html><meta charset='utf-8'>{style}" + "\n".join(parts)
 
 
+def draw_context_line(ax, y: float, before: str, token: str, after: str, fontsize: float = 7, x: float = 0.5,
+                      chars: int | None = None) -> None:
+    """Draw one context on ``ax`` at height ``y`` (axes fraction): the token highlighted and centred on ``x``,
+    ``before`` right-aligned to its left, ``after`` left-aligned to its right, in monospace. Text is drawn as
+    it is (no mathtext: ``$`` stays a dollar sign); give it through :func:`context_strings` so newlines are
+    marks. ``chars`` keeps only that many characters each side (the ones nearest the token)."""
+    from matplotlib.transforms import offset_copy
+
+    if chars is not None:
+        before, after = before[max(0, len(before) - chars):], after[:chars]
+    fig = ax.figure
+    half = 0.6 * fontsize * max(1, len(token)) / 2 + 1.5  # half the token's width in points (monospace)
+    kw = dict(fontsize=fontsize, family="monospace", va="center", parse_math=False)
+    ax.text(x, y, token, ha="center", transform=ax.transAxes,
+            bbox=dict(facecolor="#ffd54f", edgecolor="none", pad=0.6), **kw)
+    ax.text(x, y, before, ha="right", transform=offset_copy(ax.transAxes, fig, x=-half, units="points"), **kw)
+    ax.text(x, y, after, ha="left", transform=offset_copy(ax.transAxes, fig, x=half, units="points"), **kw)
+
+
 def plot_neuron_contexts(ws, path, neuron: str, model: str | None = None, k: int = 8, formats=("png",),
                          max_checkpoints: int = 8) -> list[Path]:
     """A figure: one unit's top-``k`` contexts (argmax token highlighted), one panel per checkpoint (at most
     ``max_checkpoints``, evenly spread, first and last included)."""
     from matplotlib.figure import Figure
-    from matplotlib.transforms import offset_copy
 
     from . import io
 
@@ -189,14 +212,7 @@ def plot_neuron_contexts(ws, path, neuron: str, model: str | None = None, k: int
         ax.set_axis_off()
         ax.set_title(f"{model} {tag}", fontsize=8, loc="left")
         for j, c in enumerate(ctx):
-            before, tok, after = context_strings(tk, c)
-            y = 1 - (j + 0.5) / max(1, len(ctx))
-            half = 0.6 * fs * max(1, len(tok)) / 2 + 1.5  # half the token's width in points (monospace)
-            kw = dict(fontsize=fs, family="monospace", va="center", parse_math=False)
-            ax.text(0.5, y, tok, ha="center", transform=ax.transAxes,
-                    bbox=dict(facecolor="#ffd54f", edgecolor="none", pad=0.6), **kw)
-            ax.text(0.5, y, before, ha="right", transform=offset_copy(ax.transAxes, fig, x=-half, units="points"), **kw)
-            ax.text(0.5, y, after, ha="left", transform=offset_copy(ax.transAxes, fig, x=half, units="points"), **kw)
+            draw_context_line(ax, 1 - (j + 0.5) / max(1, len(ctx)), *context_strings(tk, c), fontsize=fs)
     fig.suptitle(f"unit {neuron}: top contexts per checkpoint (argmax token highlighted)", fontsize=9)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     return io.save_figure(fig, Path(path), formats, dpi=150)

@@ -12,6 +12,12 @@ of every model, projected vectors) gives the groups. For each setting:
 * an intruder test judged from pictures alone (:mod:`conceptevo.alignment.intruder`),
   ROC AUC beside the paper's 0.90 / 0.86 and the random-group chance level.
 
+Text studies (``[data] kind = "text"``) have no pictures: the judge reads each
+unit's top contexts (:func:`~conceptevo.alignment.intruder.context_features`),
+and a unit's concept for coherence is the argmax token of its contexts (a unit
+is dominated by ``token=:`` when at least ``dominance`` of its contexts centre
+on ``:``, well above that token's share among all the checkpoint's contexts).
+
 Then a layer-level reference view: linear CKA between checkpoints and models
 beside the unified space's own layer similarity (:mod:`conceptevo.alignment.cka`).
 
@@ -27,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from ..config import DataConfig
+from ..contexts import context_tokens, is_text_workspace, load_contexts, visible_marks, workspace_tokenizer
 from ..data.base import Subset, display_image
 from ..errors import ConceptEvoError, WorkspaceError
 from ..io import new_figure, save_figure, write_bytes, write_json
@@ -34,8 +41,8 @@ from ..patches import PatchStore, to_uint8_image
 from ..study import study_pool
 from ..workspace import Workspace, WorkspaceLock
 from .cka import compare_checkpoints, layer_responses
-from .coherence import coherence_test, dataset_concepts, dominant_concepts
-from .intruder import description_matrix, intruder_test, neuron_description, picture_features
+from .coherence import ConceptCoding, coherence_test, dataset_concepts, dominant_concepts
+from .intruder import context_features, description_matrix, intruder_test, neuron_description, picture_features
 from .space import kmeans_groups, neuron_table
 
 log = logging.getLogger(__name__)
@@ -48,7 +55,8 @@ class _Pictures:
 
     def __init__(self, ws, table, views: str = "auto"):
         if views not in ("auto", "patches", "images"):
-            raise ConceptEvoError(f"views must be 'auto', 'patches' or 'images', got {views!r}")
+            raise ConceptEvoError(f"views must be 'auto', 'patches' or 'images' for an image study, got {views!r}"
+                                  + ("; 'contexts' is for text studies" if views == "contexts" else ""))
         self.ws, self.table = ws, table
         self.store = None
         if views in ("auto", "patches"):
@@ -94,6 +102,64 @@ class _Pictures:
         return description_matrix(descs)
 
 
+class _Contexts:
+    """What the judge reads of a text study's unit: its top contexts, as token strings around the argmax token."""
+
+    views = "contexts"
+
+    def __init__(self, ws, table):
+        self.ws, self.table = ws, table
+        self.tokenizer = workspace_tokenizer(ws)
+        self._ctx: dict = {}
+        self._valid: dict = {}
+
+    def contexts(self, m, t, r) -> list[list[str]]:
+        """The unit's contexts (one list of token strings each, the argmax token in the middle), strongest first."""
+        if (m, t) not in self._ctx:
+            self._ctx[(m, t)] = load_contexts(self.ws, m, t)
+            self._valid[(m, t)] = np.asarray(self.ws.stimuli(m, t).indices) >= 0
+        rows = self._ctx[(m, t)][r][self._valid[(m, t)][r]]
+        return [context_tokens(self.tokenizer, c) for c in rows]
+
+    def describe(self, rows):
+        descs = []
+        for row in rows:
+            m, t, r = self.table.models[row], self.table.tags[row], int(self.table.rows[row])
+            descs.append(neuron_description(self.contexts(m, t, r), context_features))
+        return description_matrix(descs)
+
+
+def _views(ws, table, views: str):
+    """The judge's view of the neurons: contexts for text studies, else pictures (patches or images)."""
+    if not is_text_workspace(ws):
+        return _Pictures(ws, table, views)
+    if views not in ("auto", "contexts"):
+        raise ConceptEvoError(f"views={views!r} does not exist for a text study: its units are read as contexts; "
+                              "use views='contexts' (or 'auto')")
+    return _Contexts(ws, table)
+
+
+def argmax_token_concepts(ws, model: str, tag: str, dominance: float = 0.6, tokenizer=None):
+    """Each unit's dominant argmax token (a :class:`~conceptevo.alignment.coherence.ConceptCoding` whose ids are
+    token ids and whose names are ``token=...`` for every token id) from one checkpoint's contexts.
+
+    The priors are the tokens' shares among all the checkpoint's contexts; only tokens that occur there are
+    tested (the significance threshold is 0.05 over their number), so a large vocabulary costs nothing.
+    """
+    tk = tokenizer if tokenizer is not None else workspace_tokenizer(ws)
+    ctx = load_contexts(ws, model, tag)
+    valid = np.asarray(ws.stimuli(model, tag).indices) >= 0
+    centre = ctx[:, :, ctx.shape[2] // 2].astype(np.int64)
+    present = np.unique(centre[valid])
+    local = np.where(valid, np.searchsorted(present, centre), -1)
+    idx = np.where(valid, np.arange(centre.size).reshape(centre.shape), -1)
+    coded = dominant_concepts(idx, {"token": np.maximum(local, 0).ravel()}, None, dominance,
+                              pool=np.flatnonzero(valid.ravel()))
+    ids = np.where(coded.ids >= 0, present[np.maximum(coded.ids, 0)], -1)
+    names = [f"token={visible_marks(tk.token_str(i))}" for i in range(tk.vocab_size)]
+    return ConceptCoding(ids, names, coded.shares)
+
+
 def _settings(ws, table) -> list[dict]:
     base_m, base_t = ws.base
     models = table.models
@@ -123,20 +189,27 @@ def evaluate_alignment(workspace, n_groups: int | None = None, tasks: int = 200,
     if n_base < 5 * 2:
         raise ConceptEvoError(f"the base checkpoint has {n_base} neurons; the intruder test needs at least 10")
     groups = kmeans_groups(table.vectors, n_groups, seed=seed)
-    dataset = ws.images()  # by image index, as the stimuli record them
-    concepts, names, known = dataset_concepts(dataset)
+    text = is_text_workspace(ws)
     codes = {}
-    for m, t in table.checkpoints():
-        codes[(m, t)] = dominant_concepts(np.asarray(ws.stimuli(m, t).indices), concepts, names, dominance)
+    if text:
+        known, tk = False, workspace_tokenizer(ws)
+        for m, t in table.checkpoints():
+            codes[(m, t)] = argmax_token_concepts(ws, m, t, dominance, tk)
+    else:
+        dataset = ws.images()  # by image index, as the stimuli record them
+        concepts, names, known = dataset_concepts(dataset)
+        for m, t in table.checkpoints():
+            codes[(m, t)] = dominant_concepts(np.asarray(ws.stimuli(m, t).indices), concepts, names, dominance)
     cid = np.empty(len(table), dtype=np.int64)
     label_names = None
     for (m, t), c in codes.items():
         sel = (table.models == m) & (table.tags == t)
         cid[sel] = c.ids[table.rows[sel]]
         label_names = c.names
-    pictures = _Pictures(ws, table, views)
+    pictures = _views(ws, table, views)
     results = {"workspace": str(ws.path), "base": [base_m, base_t], "n_groups": int(n_groups), "tasks": int(tasks),
                "seed": seed, "views": pictures.views, "known_concepts": known, "dominance": dominance,
+               "concepts": "argmax token" if text else "dataset concepts" if known else "class",
                "neurons": int(len(table)), "checkpoints": [list(c) for c in table.checkpoints()],
                "coherence": [], "intruder": [], "layers": [], "notes": []}
     for st in _settings(ws, table):
@@ -281,7 +354,10 @@ def alignment_markdown(results: dict, figures=()) -> str:
          f"Workspace `{results['workspace']}`, base `{'/'.join(results['base'])}`, {results['neurons']} neurons in "
          f"{len(results['checkpoints'])} checkpoints, {results['n_groups']} K-means groups (seed {results['seed']}).", ""]
     L += ["## Concept coherence of the groups", ""]
-    if not results["known_concepts"]:
+    if results.get("concepts") == "argmax token":
+        L += ["A text unit's concept is the argmax token of its contexts (token purity: the unit is dominated by a "
+              "token when its contexts centre on it often enough).", ""]
+    elif not results["known_concepts"]:
         L += ["The study's dataset has no known concepts, so a neuron's concept is its stimuli's dominant **class** "
               "(class purity: a weaker property than concept coherence).", ""]
     L += [f"A neuron is dominated by a concept when at least {results['dominance']:.0%} of its stimuli share it; a group's "
@@ -291,10 +367,15 @@ def alignment_markdown(results: dict, figures=()) -> str:
     for c in results["coherence"]:
         L.append(f"| {c['setting']} | {c['groups']} | {c['neurons']} | {_f(c['dominated'], '.0%')} | {_f(c['coherence'])} | "
                  f"{_f(c['random_mean'])} ± {_f(c['random_std'])} | {_f(c['p_value'], '.3g')} |")
-    L += ["", "## Intruder test (judge sees only the pictures)", "",
+    if results["views"] == "contexts":
+        shown = ("top contexts; the judge compares the argmax tokens, the tokens just before and after them, their "
+                 "character classes and the letter trigrams around them")
+    else:
+        shown = (f"{'example patches' if results['views'] == 'patches' else 'stimulus images'}; the judge compares "
+                 "colour histograms, gradient-orientation histograms and thumbnails")
+    L += ["", f"## Intruder test (judge sees only the {'contexts' if results['views'] == 'contexts' else 'pictures'})", "",
           f"Each task: {5} neurons of one group plus 1 random intruder from another group, shown as "
-          f"{'example patches' if results['views'] == 'patches' else 'stimulus images'}; the judge compares colour "
-          "histograms, gradient-orientation histograms and thumbnails and never uses the embedding. "
+          f"{shown}, and never uses the embedding. "
           "Chance: AUC 0.5 in theory; *random groups* is the same judge on groups of random neurons.", "",
           "| setting | tasks | ROC AUC | paper (people) | random groups | intruder found | (chance 1/6) |",
           "|---|---|---|---|---|---|---|"]

@@ -21,6 +21,14 @@ neuron's membership from the pictures alone:
 * a neuron's membership score is minus its weighted mean distance to the other
   five (the odd one out is far from the rest).
 
+For text studies a neuron's "pictures" are its top contexts (the tokens
+around its argmax token, :mod:`conceptevo.contexts`), and the judge reads them
+through four aspects (:func:`context_features`): which token is the argmax
+(its identity), which tokens stand just before and after it, the character
+classes of those three (capital, lower-case, digit, space, newline,
+punctuation), and the letter trigrams of the few characters around it. The
+same mean, scaling, weighting and scoring apply.
+
 Pooling every task's six (score, grouped-or-intruder) pairs gives an ROC curve
 and its AUC, the counterpart of the paper's 0.90 (within the base model) and
 0.86 (across models and epochs); chance is 0.5. The same judge on tasks whose
@@ -30,6 +38,8 @@ tasks where the lowest score is the intruder is reported with its chance 1/6.
 from __future__ import annotations
 
 import logging
+import unicodedata
+import zlib
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Sequence
 
@@ -40,6 +50,8 @@ from ..errors import ConceptEvoError
 log = logging.getLogger(__name__)
 
 GROUP_SIZE = 5
+#: Aspects that are histograms: they enter as square roots (distances between them are Hellinger-like).
+HISTOGRAMS = frozenset({"colour", "gradient", "token", "neighbours", "classes", "ngrams"})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -93,12 +105,78 @@ def picture_features(img, bins: int = 8, cells: int = 2, thumb: int = 6) -> dict
     return {"colour": colour, "gradient": grad, "thumbnail": (t / np.maximum(n, 1)).ravel()}
 
 
-def neuron_description(pictures) -> dict[str, np.ndarray]:
-    """The mean of :func:`picture_features` over a neuron's pictures."""
-    feats = [picture_features(p) for p in pictures]
+def neuron_description(pictures, features: Callable = picture_features) -> dict[str, np.ndarray]:
+    """The mean of ``features`` (default :func:`picture_features`) over a neuron's pictures (or contexts)."""
+    feats = [features(p) for p in pictures]
     if not feats:
         raise ConceptEvoError("a neuron has no picture to judge; find its stimuli first")
     return {key: np.mean([f[key] for f in feats], axis=0) for key in feats[0]}
+
+
+#: Character classes a reader tells apart at a glance; "none" stands for no character (the window's start).
+CHAR_CLASSES = ("upper", "lower", "digit", "space", "newline", "punctuation", "other", "none")
+_NEWLINES = {"\n", "\r", "\u2028", "\u2029"}
+
+
+def char_class(ch: str) -> int:
+    """Index in :data:`CHAR_CLASSES` of one character ('' -> "none")."""
+    if not ch:
+        return 7
+    if ch in _NEWLINES:
+        return 4
+    if ch.isspace():
+        return 3
+    if ch.isupper():
+        return 0
+    if ch.isalpha():
+        return 1
+    if ch.isdigit():
+        return 2
+    return 5 if unicodedata.category(ch)[0] in "PS" else 6
+
+
+def _bucket(text: str, buckets: int) -> int:
+    return zlib.crc32(text.encode("utf-8", "surrogatepass")) % buckets
+
+
+def _class_shares(text: str) -> np.ndarray:
+    out = np.zeros(len(CHAR_CLASSES))
+    for ch in text or "":
+        out[char_class(ch)] += 1
+    if not text:
+        out[7] = 1
+    return out / out.sum()
+
+
+def context_features(tokens, buckets: int = 256, reach: int = 6) -> dict[str, np.ndarray]:
+    """What a reader sees in one context: ``tokens``, the token strings with the argmax token in the middle
+    (``''`` where there is no token).
+
+    Aspects (histograms, each summing to 1 or 2): ``token``, the argmax token's identity; ``neighbours``, the
+    identities of the tokens just before and just after it; ``classes``, the character classes
+    (:data:`CHAR_CLASSES`) of the argmax token's characters, of the character just before it and of the one just
+    after it; ``ngrams``, the letter trigrams of the text from ``reach`` characters before the argmax token to
+    ``reach`` after it. Identities and trigrams are hashed into ``buckets`` bins.
+    """
+    tokens = [str(t) for t in tokens]
+    if len(tokens) % 2 != 1:
+        raise ConceptEvoError(f"a context needs an odd number of tokens with the argmax in the middle, got {len(tokens)}")
+    w = len(tokens) // 2
+    tok = tokens[w]
+    before, after = "".join(tokens[:w]), "".join(tokens[w + 1:])
+    prev = next((t for t in reversed(tokens[:w]) if t), "")
+    nxt = next((t for t in tokens[w + 1:] if t), "")
+    ident = np.zeros(buckets)
+    ident[_bucket(tok, buckets)] = 1
+    near = np.zeros(2 * buckets)
+    near[_bucket(prev, buckets)] += 1
+    near[buckets + _bucket(nxt, buckets)] += 1
+    classes = np.concatenate([_class_shares(tok), _class_shares(before[-1:]), _class_shares(after[:1])])
+    text = before[-reach:] + tok + after[:reach] if reach else tok
+    grams = np.zeros(buckets)
+    for i in range(max(1, len(text) - 2)):
+        grams[_bucket(text[i:i + 3], buckets)] += 1
+    return {"token": ident, "neighbours": near, "classes": classes, "ngrams": grams / grams.sum()}
 
 
 @dataclass
@@ -119,7 +197,7 @@ def description_matrix(descriptions: Sequence[dict[str, np.ndarray]]) -> Descrip
     blocks = []
     for key in descriptions[0]:
         B = np.stack([d[key] for d in descriptions]).astype(np.float64)
-        if key in ("colour", "gradient"):
+        if key in HISTOGRAMS:
             B = np.sqrt(np.maximum(B, 0.0))
         d = _distances(B)
         typical = float(np.median(d[np.triu_indices(len(B), 1)])) if len(B) > 1 else 1.0
@@ -270,5 +348,5 @@ def intruder_test(groups, eligible, features_of: Callable[[np.ndarray], np.ndarr
     return IntruderResult(setting, len(tl), auc, found, auc0, found0, paper_auc, roc, roc0)
 
 
-__all__ = ["Descriptions", "picture_features", "neuron_description", "description_matrix", "judge_task", "sample_tasks",
+__all__ = ["Descriptions", "picture_features", "context_features", "char_class", "CHAR_CLASSES", "neuron_description", "description_matrix", "judge_task", "sample_tasks",
            "run_tasks", "intruder_test", "IntruderResult", "auc_and_roc", "GROUP_SIZE"]

@@ -278,8 +278,9 @@ class CheckpointMetrics:
     diversity: dict[str, float]
     collapse: dict[str, float]
     moved: dict[str, float] = field(default_factory=dict)   # distance moved since the previous checkpoint
-    metrics: dict = field(default_factory=dict)             # accuracies etc.
+    metrics: dict = field(default_factory=dict)             # accuracies, train loss etc.
     method: str = "knn"
+    step: int | None = None                                 # the training step, where the checkpoint names one
 
     @property
     def layers(self) -> list[str]:

@@ -24,6 +24,7 @@ from urllib.parse import quote
 
 import numpy as np
 
+from ..contexts import is_text_workspace
 from ..errors import ConceptEvoError
 from ..patches import PatchStore
 from ..report import analysis
@@ -87,6 +88,7 @@ class ExplorerData:
         self.kmeans = kmeans
         self.seed = seed
         self.store = PatchStore(ws)
+        self.text = is_text_workspace(ws)
         self._lock = threading.RLock()
         self._scripts: dict[str, bytes] = {}
         self._arrays: dict[tuple, object] = {}
@@ -175,7 +177,7 @@ class ExplorerData:
             out.append({"what": "layout", "detail": f"no 2-D layout for {len(no_lay)} checkpoint(s): {', '.join(no_lay[:6])}",
                         "how": _hint(ws, self.public, "layout")})
         no_patch = [f"{m} {t}" for m in self.models for t in self.tags[m] if not self.store.has(m, t)]
-        if no_patch or not self.store.has_images:
+        if (no_patch or not self.store.has_images) and not self.text:  # text studies show contexts, never patches
             out.append({"what": "patches", "detail": f"no example patches for {len(no_patch)} checkpoint(s)"
                         + (f": {', '.join(no_patch[:6])}" if no_patch else "") + "; hovering shows ids only",
                         "how": _hint(ws, self.public, "patches")})
@@ -232,6 +234,7 @@ class ExplorerData:
             "time_axis": analysis.time_axis(ws), "kmeans": int(len(self.centres)) if self.centres is not None else 0, "moved_max": moved_max,
             "curves": curves, "importance": imps, "missing": self.missing(),
             "diversity_estimator": "mean over dimensions of the differential entropy (Vasicek estimator, scipy)",
+            "text": self.text,
         }
 
     def checkpoint(self, mi: int, ti: int) -> dict:
@@ -241,12 +244,15 @@ class ExplorerData:
         n = len(self.ids[m])
         moved = self.moved.get((m, t))
         groups = self.groups.get((m, t))
-        return {
+        out = {
             "model": m, "tag": t, "n": n,
             "xy": b64(xy, np.float32) if xy is not None else None,
             "moved": b64(moved, np.float32) if moved is not None else None,
             "group": b64(groups, np.int32) if groups is not None else None,
         }
+        if self.text and self.ws.stage(f"contexts/{m}/{t}") is not None:   # each unit's strongest context
+            out["top"] = [unit[0] for unit in self.contexts(m, t, top=True)]
+        return out
 
     def vectors_payload(self, mi: int, ti: int) -> dict:
         m = self.models[mi]
@@ -265,7 +271,19 @@ class ExplorerData:
                "boxes": None}
         if self.store.has(m, t):
             out["boxes"] = b64(self.boxes(m, t), np.int32)
+        if self.ws.stage(f"contexts/{m}/{t}") is not None:
+            out["contexts"] = self.contexts(m, t)
         return out
+
+    def contexts(self, m: str, t: str, top: bool = False) -> list[list[list[str]]]:
+        """Text studies: every unit's top contexts as ``[before, token, after]`` plain text (newlines as marks);
+        the page shows them as text nodes, and :meth:`script` keeps them from closing the script element.
+        ``top``: only each unit's strongest context."""
+        from ..contexts import context_strings, load_contexts, workspace_tokenizer
+
+        tk = self._once(("tokenizer",), lambda: workspace_tokenizer(self.ws))
+        ctx = load_contexts(self.ws, m, t)
+        return [[list(context_strings(tk, c)) for c in (unit[:1] if top else unit)] for unit in ctx]
 
     def importance_payload(self, j: int) -> dict:
         r = self.importance[j]

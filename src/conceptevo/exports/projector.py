@@ -16,6 +16,12 @@ top example patch, an image itself, or a blank grey tile where there is none
 (units of checkpoints without example patches). An embedding none of whose
 points has a picture gets no sprite: the projector then draws coloured dots.
 
+Text studies have no pictures: their units carry text metadata instead, the
+commonest argmax tokens of their contexts (``top_token``, ``top_tokens``) and
+their strongest context as one line (``top_context``, the argmax token in
+brackets; label points by it in the projector), and no sprite. Their windows'
+vectors are not exported (a window has no picture and no label).
+
 The files follow TensorBoard's projector format, written with its own
 ``ProjectorConfig`` message: ``projector_config.pbtxt`` in ``DIR`` naming, per
 embedding, a tensor TSV, a metadata TSV and a sprite PNG (all paths relative,
@@ -58,6 +64,7 @@ BLANK = 224            # grey level of the tile of a point without a picture
 MARKER = ".conceptevo-tensorboard"
 CONFIG = "projector_config.pbtxt"
 UNIT_COLUMNS = ["unit", "model", "checkpoint", "epoch", "layer", "channel", "top_class", "top_classes"]
+TEXT_UNIT_COLUMNS = ["unit", "model", "checkpoint", "step", "layer", "channel", "top_token", "top_tokens", "top_context"]
 IMAGE_COLUMNS = ["image", "class"]
 
 
@@ -155,11 +162,14 @@ def _unit_points(cu: CheckpointUnits, pictures: UnitPictures, cell: int) -> _Poi
         log.info("%s %s: %d of %d units have no vector in the unified space and are left out",
                  cu.model, cu.tag, len(cu) - len(ok), len(cu))
     layers, channels = cu.layers, cu.channels
-    has = pictures.has(cu.model, cu.tag)
-    rows = [[cu.ids[i], cu.model, cu.tag, _epoch_text(cu.epoch), layers[i], channels[i], cu.top_class[i] or "?",
-             cu.top_classes[i] or "?"] for i in ok]
+    text = bool(cu.top_context)
+    has = not text and pictures.has(cu.model, cu.tag)
+    when = ("?" if cu.step is None else str(cu.step)) if text else _epoch_text(cu.epoch)   # language models: by step
+    rows = [[cu.ids[i], cu.model, cu.tag, when, layers[i], channels[i], cu.top_class[i] or "?",
+             cu.top_classes[i] or "?"] + ([cu.top_context[i]] if text else []) for i in ok]
     pics = [(lambda m=cu.model, t=cu.tag, r=int(i): pictures.top_patch(m, t, r)) if has else (lambda: None) for i in ok]
-    return _Points(f"units: {cu.model} {cu.tag}", f"units/{cu.model}/{cu.tag}", UNIT_COLUMNS, cu.vectors[ok], rows, pics, cell, has)
+    return _Points(f"units: {cu.model} {cu.tag}", f"units/{cu.model}/{cu.tag}", TEXT_UNIT_COLUMNS if text else UNIT_COLUMNS,
+                   cu.vectors[ok], rows, pics, cell, has)
 
 
 def _image_points(ws, pictures: UnitPictures, labels: StimulusLabels) -> _Points | None:
@@ -179,7 +189,7 @@ def _image_points(ws, pictures: UnitPictures, labels: StimulusLabels) -> _Points
 
 
 def _combine(parts: list[_Points]) -> _Points:
-    return _Points("units: all checkpoints", "units/all-checkpoints", UNIT_COLUMNS,
+    return _Points("units: all checkpoints", "units/all-checkpoints", parts[0].columns,
                    np.concatenate([p.vectors for p in parts]), [r for p in parts for r in p.rows],
                    [f for p in parts for f in p.pictures], max(p.cell for p in parts), any(p.has_pictures for p in parts))
 
@@ -210,14 +220,14 @@ def export_tensorboard(ws, out, images: bool = True, combined: bool = True, seed
     TensorBoard export of conceptevo (replaced). Open it with
     ``tensorboard --logdir OUT`` (the Projector tab).
     """
+    from ..contexts import is_text_workspace
+
     ProjectorConfig, text_format = _import_projector()
     ws = ws if isinstance(ws, Workspace) else Workspace(ws)
-    from ..contexts import require_images
-
-    require_images(ws, "the TensorBoard export (unit sprites are image patches)")
+    text = is_text_workspace(ws)
     out = Path(out)
     store = PatchStore(ws)
-    labels = StimulusLabels(ws, store)
+    labels = None if text else StimulusLabels(ws, store)
     pictures = UnitPictures(ws, store, labels)
     cell = pictures.cell or 32
     parts = [p for cu in checkpoint_units(ws, labels, store) if (p := _unit_points(cu, pictures, cell)) is not None]
@@ -227,7 +237,9 @@ def export_tensorboard(ws, out, images: bool = True, combined: bool = True, seed
     embeddings = list(parts)
     if combined and len(parts) > 1:
         embeddings.append(_combine(parts))
-    if images:
+    if images and text:
+        log.info("a text study's windows have no picture or label: their vectors are not exported")
+    elif images:
         img = _image_points(ws, pictures, labels)
         if img is not None:
             embeddings.append(img)
@@ -253,7 +265,7 @@ def export_tensorboard(ws, out, images: bool = True, combined: bool = True, seed
             e.sprite.single_image_dim.extend([tile, tile])
     path = out / CONFIG
     write_bytes(path, text_format.MessageToString(config).encode("utf-8"))
-    note = pictures.note()
+    note = None if text else pictures.note()
     if note:
         log.warning("%s", note)
     log.info("wrote %d projector embeddings to %s", len(config.embeddings), out)

@@ -9,6 +9,12 @@ it moved since the model's previous checkpoint, and the classes of its stimuli
 (the dataset labels of its top-k images). :class:`UnitPictures` reads each
 unit's top patch (the crop of its strongest stimulus) and the stimulus images.
 
+Text studies (``[data] kind = "text"``) have token windows, not images: their
+units' "classes" are the argmax tokens of their contexts (``top_class``: the
+commonest, ``top_classes``: e.g. ``"e 6, ␣ 3, a 1"``) and ``top_context`` is
+the unit's strongest context as one line, the argmax token in brackets
+(``"the old m[a]n said"``), newlines and tabs as visible marks.
+
 Everything is read through the workspace's public methods and the patch store;
 missing stages give ``None`` fields, never errors, so an export can say what is
 missing and carry on.
@@ -17,7 +23,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator
 
 import numpy as np
@@ -46,6 +52,8 @@ class CheckpointUnits:
     moved: np.ndarray | None          # float32 [N] distance moved since the previous checkpoint (NaN: unknown)
     top_class: list[str]              # most frequent class among the unit's stimuli ('' when unknown)
     top_classes: list[str]            # e.g. "sandal 6, sneaker 3, bag 1" (counts out of k)
+    top_context: list[str] = field(default_factory=list)  # text studies: the strongest context, "be[f]ore" ('' else)
+    step: int | None = None           # the training step, where the checkpoint names one
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -133,10 +141,43 @@ def class_summary(labels: np.ndarray, names: StimulusLabels, top: int = TOP_CLAS
     return first, text
 
 
+class TokenNames:
+    """The names of a text study's tokens, as :class:`StimulusLabels` names classes: newlines and tabs as marks,
+    spaces as ``␣`` (a name alone, a space token would be blank, and a TSV cell trims it away)."""
+
+    def __init__(self, ws):
+        from ..contexts import workspace_tokenizer
+
+        self.tokenizer = workspace_tokenizer(ws)
+
+    def name(self, label: int) -> str:
+        from ..contexts import visible_marks
+
+        return visible_marks(self.tokenizer.token_str(int(label))).replace(" ", "\u2423") if label >= 0 else ""
+
+
+def _text_summary(ws, names: TokenNames, m: str, t: str, stim) -> tuple[list[str], list[str], list[str]]:
+    """A text checkpoint's units: (top argmax token, top argmax tokens with counts, strongest context)."""
+    from ..contexts import context_strings, load_contexts
+
+    ctx = load_contexts(ws, m, t)
+    centre = np.where(np.asarray(stim.indices) >= 0, ctx[:, :, ctx.shape[2] // 2], -1)
+    first, text = class_summary(centre, names)
+    lines = []
+    for unit in ctx:
+        before, tok, after = context_strings(names.tokenizer, unit[0])
+        lines.append(f"{before}[{tok}]{after}")
+    return first, text, lines
+
+
 def checkpoint_units(ws, labels: StimulusLabels | None = None, store=None) -> Iterator[CheckpointUnits]:
     """Every checkpoint with stimuli, model by model in training order."""
+    from ..contexts import is_text_workspace
+
     store = store if store is not None else PatchStore(ws)
-    labels = labels if labels is not None else StimulusLabels(ws, store)
+    text = is_text_workspace(ws)
+    tokens = TokenNames(ws) if text else None
+    labels = labels if labels is not None or text else StimulusLabels(ws, store)
     layout_done = ws.stage("layout") is not None
     for m in ws.models:
         prev = None
@@ -162,8 +203,12 @@ def checkpoint_units(ws, labels: StimulusLabels | None = None, store=None) -> It
                          if prev is not None and prev.shape == vectors.shape
                          else np.full(len(vectors), np.nan, dtype=np.float32))
             prev = vectors
-            first, text = class_summary(labels.labels(stim.indices), labels)
-            yield CheckpointUnits(m, t, c.epoch, list(stim.neuron_ids), vectors, xy, moved, first, text)
+            if text:
+                first, top, lines = _text_summary(ws, tokens, m, t, stim)
+                yield CheckpointUnits(m, t, c.epoch, list(stim.neuron_ids), vectors, xy, moved, first, top, lines, c.step)
+            else:
+                first, top = class_summary(labels.labels(stim.indices), labels)
+                yield CheckpointUnits(m, t, c.epoch, list(stim.neuron_ids), vectors, xy, moved, first, top, step=c.step)
 
 
 class UnitPictures:
@@ -232,4 +277,4 @@ def to_rgb(img: np.ndarray) -> np.ndarray:
     return a[..., :3]
 
 
-__all__ = ["CheckpointUnits", "StimulusLabels", "UnitPictures", "checkpoint_units", "class_summary", "to_rgb", "TOP_CLASSES"]
+__all__ = ["CheckpointUnits", "StimulusLabels", "TokenNames", "UnitPictures", "checkpoint_units", "class_summary", "to_rgb", "TOP_CLASSES"]

@@ -7,12 +7,15 @@ The run holds
   ``y``: the explorer's frame, shared by every checkpoint), the distance it
   moved since the model's previous checkpoint, the classes of its stimuli, its
   top example patch (a ``wandb.Image``) and its unified-space vector (W&B's
-  table projection panel can lay those out itself);
+  table projection panel can lay those out itself); for text studies the
+  commonest argmax tokens of its contexts and its strongest context as text
+  (``top_token``, ``top_tokens``, ``top_context``) instead of classes and patch;
 * the diagnostics curves of :func:`conceptevo.diagnostics.diagnose`: per model,
   concept diversity, collapse and distance moved for the whole model (``all``)
-  and each layer, and the checkpoint's accuracies, against the epoch
-  (``MODEL/epoch``; the checkpoint's position when epochs are unknown), and the
-  same numbers as a ``diagnostics`` table.
+  and each layer, and the checkpoint's accuracies (language-model runs: train
+  loss), against the epoch (``MODEL/epoch``; ``MODEL/step`` when only steps are
+  known, the checkpoint's position when neither is), and the same numbers as a
+  ``diagnostics`` table.
 
 By default the run is created in offline mode: nothing is sent and no account
 is needed; ``wandb sync DIR/wandb/offline-run-...`` uploads it later (wandb
@@ -38,7 +41,11 @@ log = logging.getLogger(__name__)
 
 UNIT_COLUMNS = ["unit", "model", "checkpoint", "epoch", "layer", "channel", "x", "y", "moved", "top_class",
                 "top_classes", "patch", "vector"]
-DIAGNOSTICS_COLUMNS = ["model", "checkpoint", "epoch", "layer", "diversity", "collapse", "moved", "train_top1", "test_top1"]
+#: Text studies: the commonest argmax tokens and the strongest context (text) instead of classes and a patch.
+TEXT_UNIT_COLUMNS = ["unit", "model", "checkpoint", "step", "layer", "channel", "x", "y", "moved", "top_token",
+                     "top_tokens", "top_context", "vector"]
+DIAGNOSTICS_COLUMNS = ["model", "checkpoint", "epoch", "layer", "diversity", "collapse", "moved", "train_top1", "test_top1",
+                       "step", "train_loss"]
 
 
 def import_wandb():
@@ -58,13 +65,17 @@ def _image(wandb, pic):
 
 
 def unit_tables(ws, wandb, images: bool = True) -> dict:
-    """``{"units/MODEL/TAG": wandb.Table}`` for every checkpoint with stimuli."""
+    """``{"units/MODEL/TAG": wandb.Table}`` for every checkpoint with stimuli (text studies: with each unit's
+    strongest context as text instead of its top patch)."""
+    from ..contexts import is_text_workspace
+
+    text = is_text_workspace(ws)
     store = PatchStore(ws)
-    labels = StimulusLabels(ws, store)
+    labels = None if text else StimulusLabels(ws, store)
     pictures = UnitPictures(ws, store, labels)
     tables = {}
     for cu in checkpoint_units(ws, labels, store):
-        has = images and pictures.has(cu.model, cu.tag)
+        has = images and not text and pictures.has(cu.model, cu.tag)
         layers, channels = cu.layers, cu.channels
         rows = []
         for i, nid in enumerate(cu.ids):
@@ -74,11 +85,12 @@ def unit_tables(ws, wandb, images: bool = True) -> dict:
             x = y = None
             if cu.xy is not None:
                 x, y = _num(cu.xy[i, 0]), _num(cu.xy[i, 1])
-            rows.append([nid, cu.model, cu.tag, _num(cu.epoch), layers[i], int(channels[i]) if channels[i].isdigit() else channels[i],
+            rows.append([nid, cu.model, cu.tag, cu.step if text else _num(cu.epoch), layers[i], int(channels[i]) if channels[i].isdigit() else channels[i],
                          x, y, _num(cu.moved[i]) if cu.moved is not None else None, cu.top_class[i], cu.top_classes[i],
-                         _image(wandb, pictures.top_patch(cu.model, cu.tag, i)) if has else None, vec])
-        tables[f"units/{cu.model}/{cu.tag}"] = wandb.Table(columns=UNIT_COLUMNS, data=rows)
-    note = pictures.note() if images else None
+                         cu.top_context[i] if text else _image(wandb, pictures.top_patch(cu.model, cu.tag, i)) if has else None,
+                         vec])
+        tables[f"units/{cu.model}/{cu.tag}"] = wandb.Table(columns=TEXT_UNIT_COLUMNS if text else UNIT_COLUMNS, data=rows)
+    note = pictures.note() if images and not text else None
     if note:
         log.warning("%s", note)
     return tables
@@ -96,17 +108,19 @@ def log_diagnostics(ws, run, wandb) -> int:
     rows, table = 0, []
     for m, cks in diag.checkpoints.items():
         known = all(c.epoch is not None for c in cks)
-        axis = f"{m}/epoch" if known else f"{m}/checkpoint"
+        steps = not known and all(c.step is not None for c in cks)   # language-model runs: by training step
+        axis = f"{m}/epoch" if known else f"{m}/step" if steps else f"{m}/checkpoint"
         run.define_metric(axis)
         run.define_metric(f"{m}/*", step_metric=axis)
         for j, c in enumerate(cks):
             per_layer = {"diversity": c.diversity, "collapse": c.collapse, "moved": c.moved}
-            acc = {k: _num(c.metrics.get(k)) for k in ("train_top1", "test_top1")}
-            run.log(metric_row(m, per_layer, {axis.rpartition("/")[2]: float(c.epoch) if known else j, **acc}))
+            acc = {k: _num(c.metrics.get(k)) for k in ("train_top1", "test_top1", "train_loss")}
+            x = float(c.epoch) if known else int(c.step) if steps else j
+            run.log(metric_row(m, per_layer, {axis.rpartition("/")[2]: x, **acc}))
             rows += 1
             for layer in c.diversity:
                 table.append([m, c.tag, _num(c.epoch), layer, _num(c.diversity.get(layer)), _num(c.collapse.get(layer)),
-                              _num(c.moved.get(layer)), acc["train_top1"], acc["test_top1"]])
+                              _num(c.moved.get(layer)), acc["train_top1"], acc["test_top1"], c.step, acc["train_loss"]])
     run.log({"diagnostics": wandb.Table(columns=DIAGNOSTICS_COLUMNS, data=table)})
     return rows
 
@@ -124,9 +138,6 @@ def export_wandb(ws, dir=None, project: str = "conceptevo", name: str | None = N
     """
     wandb = import_wandb()
     ws = ws if isinstance(ws, Workspace) else Workspace(ws)
-    from ..contexts import require_images
-
-    require_images(ws, "the Weights & Biases export (unit pictures are image patches)")
     if not ws.models:
         raise ConceptEvoError(f"the workspace {ws.path} lists no model; run the study first")
     own = run is None

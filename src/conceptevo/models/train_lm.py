@@ -275,3 +275,27 @@ def train_text(out: str | os.PathLike, corpus: str = "shakespeare", arch: str = 
 def run_losses(run: str | os.PathLike) -> Sequence[float]:
     """The per-step train loss of a run :func:`train_lm` wrote."""
     return json.loads((Path(run) / "train_log.json").read_text())["loss"]
+
+
+def run_of_checkpoint(path: str | os.PathLike) -> Path | None:
+    """The run folder (with ``train_log.json``) a checkpoint folder ``RUN/stepN`` belongs to, or None."""
+    run = Path(path).parent
+    return run if (run / "train_log.json").is_file() else None
+
+
+def loss_at_step(losses: Sequence[float], step: int, half_window: int = 10) -> float | None:
+    """The train loss at checkpoint ``step``: the mean of the per-step losses from ``step - h`` to ``step + h``.
+
+    ``losses[s]`` is the loss of the weights after ``s`` updates (checkpoint ``steps``) on batch ``s``, so
+    step 0 is ``losses[0]`` alone; ``h = min(half_window, step // 2)`` keeps the log-spaced early checkpoints'
+    windows apart. The last checkpoint (after every update) has no loss of its own: the window ends at the
+    last recorded step. None when ``losses`` is empty or ``step`` is outside the run.
+    """
+    n = len(losses)
+    if n == 0 or step is None or step < 0 or step > n:
+        return None
+    h = min(int(half_window), int(step) // 2)
+    lo, hi = max(0, step - h), min(n, step + h + 1)
+    if lo >= hi:
+        lo = n - 1
+    return float(np.mean(losses[lo:hi]))

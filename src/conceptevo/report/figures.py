@@ -21,6 +21,7 @@ from ..contexts import is_text_workspace
 from ..units import split_neuron_id
 from . import analysis
 from ._util import _check_formats, _workspace
+from .groups import plot_groups
 from .space import plot_space_grid
 from .text import make_text_figures
 
@@ -28,7 +29,6 @@ log = logging.getLogger(__name__)
 
 DPI = 130          # resolution of the PNG files
 MARKER_PT = 6      # diameter of a checkpoint's marker on a neuron's path, in points
-GROUP_COLOURS = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#9a6324"]
 
 
 def _save(fig, path, formats) -> list[Path]:
@@ -63,64 +63,29 @@ def plot_neuron_groups(ws, path=None, formats=("png", "pdf"), groups: int = 3, p
 
     The groups shown are those shared by the most models (then the tightest);
     for each, the ``per_model`` neurons nearest the group centre in each model's
-    last checkpoint, with their first ``patches_shown`` example patches.
+    last checkpoint, with their first ``patches_shown`` example patches
+    (:func:`conceptevo.report.groups.plot_groups`).
     """
     from ..patches import PatchStore
 
     formats = _check_formats(formats)
     ws = _workspace(ws)
-    vectors = analysis.unified_vectors(ws) if vectors is None else vectors
-    lay = analysis.layouts(ws)
-    models = [m for m in ws.models if vectors.get((m, ws.tags(m)[-1])) is not None and lay.get((m, ws.tags(m)[-1])) is not None]
-    if not models:
-        raise WorkspaceError(f"the workspace {ws.path} has no projection and layout yet; run `conceptevo run` on its config")
-    last = {m: ws.tags(m)[-1] for m in models}
     store = PatchStore(ws)
-    _require_patches(store, [(m, last[m]) for m in models])
-    labels, centres = analysis.kmeans_groups(vectors, k=k, seed=seed)
-    # groups present in the most models, then the tightest
-    score = []
-    for g in range(len(centres)):
-        present = sum(int((labels[(m, last[m])] == g).sum() >= per_model) for m in models)
-        spread = np.mean([np.linalg.norm(vectors[(m, last[m])][labels[(m, last[m])] == g] - centres[g], axis=1).mean()
-                          for m in models if (labels[(m, last[m])] == g).any()] or [np.inf])
-        score.append((-present, spread, g))
-    chosen = [g for _, _, g in sorted(score)[:groups]]
-    nrow = len(chosen)
-    fig = io.new_figure(figsize=(3.0 * len(models) + 0.2, 2.8 + 1.0 * nrow))
-    gs = fig.add_gridspec(1 + nrow, len(models), height_ratios=[2.6] + [1.0] * nrow, hspace=0.35, wspace=0.08)
-    for c, m in enumerate(models):
-        ax = fig.add_subplot(gs[0, c])
-        xy = lay[(m, last[m])]
-        ax.scatter(xy[:, 0], xy[:, 1], s=3, c="#cccccc", linewidths=0)
-        for i, g in enumerate(chosen):
-            sel = labels[(m, last[m])] == g
-            ax.scatter(xy[sel, 0], xy[sel, 1], s=9, c=GROUP_COLOURS[i % len(GROUP_COLOURS)], linewidths=0, label=f"group {i + 1}")
-        acc = ws.checkpoints(m)[-1].metrics.get("train_top1")
-        ax.set_title(f"{m} {last[m]}" + (f" (acc {acc:.2f})" if acc is not None else ""), fontsize=8)
-        ax.set_xticks([]), ax.set_yticks([])
-        if c == 0:
-            ax.legend(fontsize=6, loc="best", markerscale=1.5, frameon=False)
-        ids = analysis.neuron_ids(ws, m, last[m])
-        v = vectors[(m, last[m])]
-        for i, g in enumerate(chosen):
-            ax2 = fig.add_subplot(gs[1 + i, c])
-            ax2.axis("off")
-            rows = np.flatnonzero(labels[(m, last[m])] == g)
-            if len(rows) == 0:
-                ax2.text(0.5, 0.5, "no neuron in this group", ha="center", va="center", fontsize=7, color="#777")
-                continue
-            rows = rows[np.argsort(np.linalg.norm(v[rows] - centres[g], axis=1))][:per_model]
-            strips = [_row_image(store.patches(m, last[m], int(r))[:patches_shown]) for r in rows]
-            width = max(s.shape[1] for s in strips)
-            stack = np.full((sum(s.shape[0] for s in strips) + 3 * (len(strips) - 1), width, 3), 255, np.uint8)
-            y = 0
-            for s in strips:
-                stack[y:y + s.shape[0], :s.shape[1]] = s
-                y += s.shape[0] + 3
-            ax2.imshow(stack, interpolation="nearest")
-            ax2.set_title(", ".join(ids[int(r)] for r in rows), fontsize=6, color=GROUP_COLOURS[i % len(GROUP_COLOURS)])
-    fig.suptitle("Neuron groups of the unified space (K-means), across models, with example patches", fontsize=9)
+
+    def draw(ax, m, tag, rows, ids, colour):
+        strips = [_row_image(store.patches(m, tag, int(r))[:patches_shown]) for r in rows]
+        width = max(s.shape[1] for s in strips)
+        stack = np.full((sum(s.shape[0] for s in strips) + 3 * (len(strips) - 1), width, 3), 255, np.uint8)
+        y = 0
+        for s in strips:
+            stack[y:y + s.shape[0], :s.shape[1]] = s
+            y += s.shape[0] + 3
+        ax.imshow(stack, interpolation="nearest")
+        ax.set_title(", ".join(ids[int(r)] for r in rows), fontsize=6, color=colour)
+
+    fig = plot_groups(ws, draw, groups=groups, per_model=per_model, k=k, seed=seed, vectors=vectors,
+                      check=lambda pairs: _require_patches(store, pairs),
+                      title="Neuron groups of the unified space (K-means), across models, with example patches")
     if path is not None:
         _save(fig, path, formats)
     return fig
