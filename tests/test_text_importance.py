@@ -62,22 +62,15 @@ def test_parse_target(windows):
 
 def test_bad_targets_are_clear_errors(windows):
     tk = windows.tokenizer
-    with pytest.raises(ConceptEvoError, match=r"'ab' is 2 tokens .*give a single token, or several as one set joined by \|"):
-        parse_target("ab", tk)
-    with pytest.raises(ConceptEvoError, match="'moon' is 4 tokens"):
-        parse_target("=moon", tk)
-    with pytest.raises(ConceptEvoError, match="'Z' is not in the study's vocabulary"):
-        parse_target("Z", tk)
-    with pytest.raises(ConceptEvoError, match="',' is not in the study's vocabulary"):
-        parse_target("comma", tk)
-    with pytest.raises(ConceptEvoError, match="unknown escape"):
-        parse_target("\\x", tk)
-    with pytest.raises(ConceptEvoError, match="empty alternative"):
-        parse_target("a||b", tk)
+    bad = {"ab": r"'ab' is 2 tokens .*give a single token, or several as one set joined by \|",
+           "=moon": "'moon' is 4 tokens", "Z": "'Z' is not in the study's vocabulary",
+           "comma": "',' is not in the study's vocabulary", "\\x": "unknown escape", "a||b": "empty alternative",
+           "digit": "class 'digit' has no token"}
+    for spec, message in bad.items():
+        with pytest.raises(ConceptEvoError, match=message):
+            parse_target(spec, tk)
     with pytest.raises(ConceptEvoError, match="empty target"):
         parse_targets("a,,b", tk)
-    with pytest.raises(ConceptEvoError, match="class 'digit' has no token"):
-        parse_target("digit", tk)
     small = CharTokenizer("abc")
     ab = TextWindows(small.encode_array("ab" * 20), 4, tokenizer=small)
     with pytest.raises(DatasetError, match="target 'c' is never the next token in the 9 windows"):

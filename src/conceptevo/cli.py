@@ -146,7 +146,8 @@ def cmd_evaluate_importance(args) -> int:
     from .importance.commands import evaluate_command
 
     r = evaluate_command(args.workspace, args.model, stages=args.stages, classes=args.classes, repeats=args.repeats,
-                         images=args.images, seed=args.seed, device=args.device, progress=not args.no_progress)
+                         images=args.images, seed=args.seed, device=args.device, progress=not args.no_progress,
+                         log_loss=args.log_loss)
     if not ddp.is_main():
         return 0
     print(r["markdown"].read_text())  # the table, then one verdict per stage, split and claim
@@ -285,6 +286,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--images", type=int, default=128, help="sampled images of each class, from the training and from "
                     "the test split (text: occurrences of each target; test only with [data] holdout)")
     ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--log-loss", action="store_true", help="also measure the change of the true class's log-loss "
+                    "(cross-entropy; lower is better); always on for a text study")
 
     # -- seeing concepts: patches, figures, the explorer, exports -----------------------------------
     pa = command("patches", "example patches (receptive-field crops of the stimuli) for every checkpoint",

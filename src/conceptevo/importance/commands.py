@@ -173,9 +173,14 @@ def plot_text_evolutions(ws: Workspace, model: str, tag_from: str, tag_to: str, 
                          fontsize=7, loc="left")
     title = (f"{model}: evolutions {tag_from} → {tag_to} most important for next token {class_name} "
              "(score = share of its occurrences whose log-probability the evolution raised); top contexts, argmax token in []")
+    return _titled(fig, title, imp, top, "the log-probability", 7, path)
+
+
+def _titled(fig, title: str, imp, top: int, what: str, fontsize: int, path):
+    """The evolutions figure's title (with a note on how score ties were ranked), laid out and saved unless ``path`` is None."""
     if imp.tie_note(top):
-        title += "\nequal scores ranked by mean sensitivity S (mean first-order change of the log-probability)"
-    fig.suptitle(title, fontsize=7)
+        title += f"\nequal scores ranked by mean sensitivity S (mean first-order change of {what})"
+    fig.suptitle(title, fontsize=fontsize)
     fig.tight_layout()
     if path is not None:
         save_figure(fig, path, dpi=120)
@@ -214,20 +219,17 @@ def plot_evolutions(ws: Workspace, model: str, tag_from: str, tag_to: str, imp, 
         axes[r, 0].set_ylabel(f"{nid}\nscore {score:.2f}\nmean S {float(mean[nid]):+.3g}", fontsize=6, rotation=0,
                               ha="right", va="center")
     title = f"{model}: evolutions {tag_from} → {tag_to} most important for '{class_name}' (score = share of images helped)"
-    if imp.tie_note(top):
-        title += "\nequal scores ranked by mean sensitivity S (mean first-order change of the class logit)"
-    fig.suptitle(title, fontsize=8)
-    fig.tight_layout()
-    if path is not None:
-        save_figure(fig, path, dpi=120)
-    return fig
+    return _titled(fig, title, imp, top, "the class logit", 8, path)
 
 
 def evaluate_command(workspace, model: str, stages: str = "auto", classes="all", repeats: int = 5, images: int = 128,
-                     seed: int = 0, device: str = "cpu", progress: bool = True, milestones=(0.25, 0.5, 0.75)) -> dict:
+                     seed: int = 0, device: str = "cpu", progress: bool = True, milestones=(0.25, 0.5, 0.75),
+                     log_loss: bool = False) -> dict:
     """Reversion evaluation (Table 1, Fig 6) of ``model``'s stages; writes the table and chart into the workspace.
 
     Each class is measured on a seeded sample of ``images`` of its training and of its test images.
+    ``log_loss`` adds the change of the true class's log-loss (cross-entropy) to the table; a text
+    study always measures it.
     """
     check_device(device)
     ddp.init_from_env(device)
@@ -266,27 +268,41 @@ def evaluate_command(workspace, model: str, stages: str = "auto", classes="all",
             per_class.append(evaluate_reversion(m_from, m_to, train, test, c, layers=_layers(ws), num_images=images,
                                                 num_test_images=images, repeats=repeats, seed=seed, device=device,
                                                 stage=(t, t2), progress=progress,
-                                                channel_axis=ws.config.get("stimuli", {}).get("channel_axis")))
+                                                channel_axis=ws.config.get("stimuli", {}).get("channel_axis"),
+                                                log_loss=log_loss))
         res = combine_reversion(per_class)
         if ddp.is_main():
             res.save(ws.path / "evaluation" / model / f"{t}__{t2}.npz")
         results.append(res)
+    r = _write_evaluation(ws, model, results, list(getattr(train, "classes", []) or []),
+                          hash_json([pairs, class_list, repeats, images, seed]),
+                          {"stages": pairs, "classes": class_list, "repeats": repeats, "images": images}, log_loss)
+    return {**r, "stages": pairs}
+
+
+def _claims(results, metric: str = "top1") -> dict:
+    """The verdicts as the manifest records them: ``{"T->T2": {split: {claim: {answer, reason}}}}``."""
+    return {f"{r.stage[0]}->{r.stage[1]}": {s: {k: v.to_dict() for k, v in r.check_claim(split=s, metric=metric).items()}
+                                            for s in ("train", "test")} for r in results}
+
+
+def _write_evaluation(ws: Workspace, model: str, results, class_names, key: str, params: dict, log_loss: bool) -> dict:
+    """Write ``evaluation/MODEL/`` (table.md, table.csv, bars.png) on rank 0 and record it with its verdicts."""
     out = ws.path / "evaluation" / model
     md, csv, png = out / "table.md", out / "table.csv", out / "bars.png"
-    claims = {f"{r.stage[0]}->{r.stage[1]}": {s: {k: v.to_dict() for k, v in r.check_claim(split=s).items()}
-                                              for s in ("train", "test")} for r in results}
+    claims = {"claims": _claims(results)}
+    if log_loss:
+        claims["claims_logloss"] = _claims(results, "logloss")
 
     def write():
-        names = list(getattr(train, "classes", []) or [])
-        write_reversion_markdown(md, results, class_names=names)
-        write_reversion_csv(csv, results, class_names=names)
+        write_reversion_markdown(md, results, class_names=class_names)
+        write_reversion_csv(csv, results, class_names=class_names)
         plot_reversion_bars(png, results)
-        ws.finish(f"evaluation/{model}", hash_json([pairs, class_list, repeats, images, seed]),
-                  {"stages": pairs, "classes": class_list, "repeats": repeats, "images": images}, claims=claims,
+        ws.finish(f"evaluation/{model}", key, params, **claims,
                   files=[str(Path(p).relative_to(ws.path)) for p in (md, csv, png)])
 
     _written_by_rank0(write)
-    return {"results": results, "markdown": Path(md), "csv": Path(csv), "png": Path(png), "claims": claims, "stages": pairs}
+    return {"results": results, "markdown": Path(md), "csv": Path(csv), "png": Path(png), **claims}
 
 
 def _text_test_split(ws: Workspace):
@@ -364,23 +380,8 @@ def _text_evaluate(ws: Workspace, model: str, stages, classes, repeats: int, ima
         if ddp.is_main():
             res.save(ws.path / "evaluation" / model / f"{t}__{t2}.npz")
         results.append(res)
-    out = ws.path / "evaluation" / model
-    md, csv, png = out / "table.md", out / "table.csv", out / "bars.png"
-    claims = {f"{r.stage[0]}->{r.stage[1]}": {s: {k: v.to_dict() for k, v in r.check_claim(split=s).items()}
-                                              for s in ("train", "test")} for r in results}
-    claims_loss = {f"{r.stage[0]}->{r.stage[1]}": {s: {k: v.to_dict() for k, v in r.check_claim(split=s, metric="logloss").items()}
-                                                   for s in ("train", "test")} for r in results}
     names = [t.name for t in targets]
-
-    def write():
-        write_reversion_markdown(md, results, class_names=names)
-        write_reversion_csv(csv, results, class_names=names)
-        plot_reversion_bars(png, results)
-        ws.finish(f"evaluation/{model}", hash_json([pairs, [list(t.ids) for t in targets], repeats, images, seed]),
-                  {"stages": pairs, "targets": names, "repeats": repeats, "images": images}, claims=claims,
-                  claims_logloss=claims_loss, files=[str(Path(p).relative_to(ws.path)) for p in (md, csv, png)])
-
-    _written_by_rank0(write)
-    return {"results": results, "markdown": Path(md), "csv": Path(csv), "png": Path(png), "claims": claims,
-            "claims_logloss": claims_loss, "stages": pairs, "targets": targets}
+    r = _write_evaluation(ws, model, results, names, hash_json([pairs, [list(t.ids) for t in targets], repeats, images, seed]),
+                          {"stages": pairs, "targets": names, "repeats": repeats, "images": images}, log_loss=True)
+    return {**r, "stages": pairs, "targets": targets}
 
