@@ -317,3 +317,24 @@ def test_auto_stages_for_text_follow_the_loss(text_demo, capsys):
     assert "no checkpoint has share of the loss drop near 0.25" in err and "--stages step0:" in err
     r = evaluate_command(ws.path, "seed0", classes="newline", repeats=2, images=4, progress=False, milestones=(0.5, 1.0))
     assert r["stages"] == [("step20", "step40")]
+
+
+def test_revert_with_model_t_as_the_source_under_the_adapter(windows, models):
+    """revert() runs model t on model t''s input from inside its forward: the stripped ids are not stripped again."""
+    from conceptevo.hooks import capture
+    from conceptevo.importance import revert
+
+    m_from, m_to = models
+    occ = TargetOccurrences(windows, parse_target("e", windows.tokenizer))
+    x, _ = occ.batch(np.arange(5))
+    mask = np.arange(24) % 3 == 0
+    with torch.no_grad(), next_token_outputs(m_from, m_to):
+        with revert(m_to, LAYERS[1], mask, m_from):
+            by_model = m_to(x)
+        with capture(m_from, [LAYERS[1]], lambda _n, o: o.detach().clone()) as acts:
+            m_from(x)
+        with revert(m_to, LAYERS[1], mask, acts[LAYERS[1]]):
+            by_tensor = m_to(x)
+        clean = m_to(x)
+    assert by_model.shape == (5, windows.tokenizer.vocab_size)
+    assert torch.equal(by_model, by_tensor) and not torch.equal(by_model, clean)
