@@ -130,8 +130,13 @@ def cmd_importance(args) -> int:
                            images=args.images, seed=args.seed, device=args.device, progress=not args.no_progress)
     if not ddp.is_main():  # under torchrun every rank computes; rank 0 reports
         return 0
-    print(f"most important evolutions {args.tag_from} -> {args.tag_to} for class {r['class_name']!r} "
-          f"(score = share of the class's images whose logit the evolution raised):")
+    if "occurrences" in r:  # a text study: the class is a target next token
+        print(f"most important evolutions {args.tag_from} -> {args.tag_to} for next token {r['class_name']} "
+              f"(score = share of {r['importance'].num_images} of its {len(r['occurrences'])} occurrences whose "
+              "log-probability the evolution raised):")
+    else:
+        print(f"most important evolutions {args.tag_from} -> {args.tag_to} for class {r['class_name']!r} "
+              f"(score = share of the class's images whose logit the evolution raised):")
     print("\n".join(r["importance"].top_lines(args.top)))
     print(f"all scores: {r['csv']}\nfigure: {r['png']}")
     return 0
@@ -141,7 +146,8 @@ def cmd_evaluate_importance(args) -> int:
     from .importance.commands import evaluate_command
 
     r = evaluate_command(args.workspace, args.model, stages=args.stages, classes=args.classes, repeats=args.repeats,
-                         images=args.images, seed=args.seed, device=args.device, progress=not args.no_progress)
+                         images=args.images, seed=args.seed, device=args.device, progress=not args.no_progress,
+                         log_loss=args.log_loss)
     if not ddp.is_main():
         return 0
     print(r["markdown"].read_text())  # the table, then one verdict per stage, split and claim
@@ -259,20 +265,29 @@ def build_parser() -> argparse.ArgumentParser:
     im.add_argument("--model", required=True)
     im.add_argument("--from", dest="tag_from", required=True, help="checkpoint tag t")
     im.add_argument("--to", dest="tag_to", required=True, help="checkpoint tag t'")
-    im.add_argument("--class", dest="class_name", required=True, help="class index or name")
+    im.add_argument("--class", dest="class_name", required=True,
+                    help="class index or name; for a text study a target next token: its text with escapes (\\n, \\t, "
+                         "\\\\, \\|, \\,), a name (newline, space, tab, comma, pipe), a class of the vocabulary (upper, "
+                         "lower, letter, digit, punct), or several joined by | (\"A|B|C\")")
     im.add_argument("--top", type=int, default=10)
-    im.add_argument("--images", type=int, default=128, help="sampled images of the class")
+    im.add_argument("--images", type=int, default=128, help="sampled images of the class (text: occurrences of the target)")
     im.add_argument("--seed", type=int, default=0)
 
     ev = command("evaluate-importance", "revert important evolutions and measure the accuracy change (Table 1, Fig 6)",
                  cmd_evaluate_importance, [DEVICE, NO_PROGRESS])
     ev.add_argument("workspace")
     ev.add_argument("--model", required=True)
-    ev.add_argument("--stages", default="auto", help="auto (by accuracy milestones 0.25/0.5/0.75) or T:T2,T2:T3")
-    ev.add_argument("--classes", default="all", help="all, a number of random classes, or a comma-separated list")
+    ev.add_argument("--stages", default="auto", help="auto (by accuracy milestones 0.25/0.5/0.75; text: by shares "
+                    "0.25/0.5/0.75 of the loss drop) or T:T2,T2:T3")
+    ev.add_argument("--classes", default="all", help="all, a number of random classes, or a comma-separated list; "
+                    "for a text study, target next tokens separated by commas (as importance --class; a comma "
+                    "itself is comma or \\,), e.g. 'newline,upper,comma'")
     ev.add_argument("--repeats", type=int, default=5)
-    ev.add_argument("--images", type=int, default=128, help="sampled images of each class, from the training and from the test split")
+    ev.add_argument("--images", type=int, default=128, help="sampled images of each class, from the training and from "
+                    "the test split (text: occurrences of each target; test only with [data] holdout)")
     ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--log-loss", action="store_true", help="also measure the change of the true class's log-loss "
+                    "(cross-entropy; lower is better); always on for a text study")
 
     # -- seeing concepts: patches, figures, the explorer, exports -----------------------------------
     pa = command("patches", "example patches (receptive-field crops of the stimuli) for every checkpoint",

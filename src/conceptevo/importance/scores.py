@@ -323,7 +323,7 @@ def evolution_importance(model_from: nn.Module, model_to: nn.Module, dataset, cl
     try:
         with eval_mode(model_from, model_to), full_precision():
             for b, (x, _, idx) in enumerate(iter_batches(dataset, batch_size, positions=mine)):
-                x = x.to(device=dev, dtype=dtype, non_blocking=True)
+                x = x.to(device=dev, dtype=dtype if x.is_floating_point() else None, non_blocking=True)  # ids stay integers
                 parts = batch_sensitivities(model_from, model_to, names, x, class_index, first=(b == 0),
                                             channel_axis=channel_axis)
                 if b == 0:

@@ -21,6 +21,11 @@ of their means over the number of classes squared, with classes x (repeats -
 * "cannot tell" otherwise, and before any test when the model's clean
   accuracy is at chance (nothing to lose: reverting cannot show a drop), when
   the split was not measured, or with fewer than 2 degrees of freedom.
+
+For a metric where lower is better (log-loss) the claims read the other way
+round (``lower_is_better=True``): the more important the bin, the larger the
+*rise*; the decisions are those of the negated changes, and the reasons show
+the numbers as measured.
 """
 from __future__ import annotations
 
@@ -86,19 +91,23 @@ def degrees_of_freedom(classes: int, repeats: int) -> int:
     return classes * (repeats - 1) if repeats >= 2 else classes - 1
 
 
-def precheck(runs: np.ndarray, clean: np.ndarray, counts: np.ndarray, chance: float | None) -> Verdict | None:
+def precheck(runs: np.ndarray, clean: np.ndarray, counts: np.ndarray, chance: float | None,
+             accuracy: bool = True) -> Verdict | None:
     """"cannot tell" before any comparison, or None.
 
     ``runs``: ``[classes, repeats, variants]`` changes (averaged over
     layers); ``clean``: ``[classes, repeats]`` accuracy without reversion;
     ``counts``: images per run; ``chance``: the metric's chance level (None:
-    unknown, then only a clean accuracy of 0 counts as chance).
+    unknown, then only a clean accuracy of 0 counts as chance). ``accuracy=False``
+    (a loss, which reverting can always raise): no chance check.
     """
     if not np.isfinite(runs).all() or not np.isfinite(clean).all():
         return Verdict(CANNOT_TELL, "not measured on this split")
     k, r = runs.shape[:2]
     if degrees_of_freedom(k, r) < 2:
         return Verdict(CANNOT_TELL, f"too few repeats ({k} class(es) x {r} repeat(s)); use --repeats 3 or more")
+    if not accuracy:
+        return None
     n = int(np.sum(counts))
     acc = float(np.sum(clean * counts) / max(n, 1))
     if chance is None:
@@ -113,13 +122,23 @@ def precheck(runs: np.ndarray, clean: np.ndarray, counts: np.ndarray, chance: fl
     return None
 
 
-def monotonic(runs: np.ndarray, labels: list[str], confidence: float = 0.95) -> Verdict:
-    """"The more important the bin, the larger the drop": ``runs`` is ``[classes, repeats, variants]``, bins first."""
+def _shown(iv: _Interval, sign: float) -> _Interval:
+    """An interval of sign-flipped changes, back in the units measured."""
+    return _Interval(sign * iv.mean, iv.half)
+
+
+def monotonic(runs: np.ndarray, labels: list[str], confidence: float = 0.95, lower_is_better: bool = False) -> Verdict:
+    """"The more important the bin, the larger the drop": ``runs`` is ``[classes, repeats, variants]``, bins first.
+
+    With ``lower_is_better`` (log-loss): the larger the rise.
+    """
     nb = len(labels)
-    bins = runs[..., :nb]
+    sign = -1.0 if lower_is_better else 1.0
+    better = "lowered log-loss" if lower_is_better else "raised accuracy"
+    means = runs[..., :nb].mean(axis=(0, 1))
+    bins = sign * runs[..., :nb]
     alpha = 1 - confidence
     strict = 1 - alpha / nb  # "no" looks at nb - 1 steps and the most important bin: Bonferroni over nb tests
-    means = bins.mean(axis=(0, 1))
     shown = " / ".join(f"{m:+.3f}" for m in means)
     for i in range(nb - 1):
         step = interval(bins[..., i + 1] - bins[..., i], strict)
@@ -129,16 +148,19 @@ def monotonic(runs: np.ndarray, labels: list[str], confidence: float = 0.95) -> 
                                f"changes {shown} from most to least important")
     first_strict = interval(bins[..., 0], strict)
     if first_strict.lo > 0:
-        return Verdict(NO, f"reverting the most important bin ({labels[0]}) raised accuracy ({first_strict}); changes {shown}")
+        return Verdict(NO, f"reverting the most important bin ({labels[0]}) {better} ({_shown(first_strict, sign)}); "
+                           f"changes {shown}")
     first = interval(bins[..., 0], confidence)
     trend = interval(bins[..., -1] - bins[..., 0], confidence)
+    # the trend in the units measured: last minus first bin for accuracy, first minus last for a loss
+    trend_name = f"{labels[0]} minus {labels[-1]}" if lower_is_better else f"{labels[-1]} minus {labels[0]}"
     if first.hi < 0 and trend.lo > 0:
-        return Verdict(YES, f"changes {shown} from most to least important; {labels[-1]} minus {labels[0]} {trend} "
+        return Verdict(YES, f"changes {shown} from most to least important; {trend_name} {trend} "
                             f"({confidence:.0%} CI)")
     raised = [labels[i] for i in range(nb) if interval(bins[..., i], confidence).lo > 0]
-    note = f"; reverting raised accuracy in {', '.join(raised)}" if raised else ""
-    return Verdict(CANNOT_TELL, f"differences within noise (changes {shown}; {labels[0]} {first}, "
-                                f"{labels[-1]} minus {labels[0]} {trend}, {confidence:.0%} CI){note}")
+    note = f"; reverting {better} in {', '.join(raised)}" if raised else ""
+    return Verdict(CANNOT_TELL, f"differences within noise (changes {shown}; {labels[0]} {_shown(first, sign)}, "
+                                f"{trend_name} {trend}, {confidence:.0%} CI){note}")
 
 
 def middle_bins(nb: int) -> tuple[int, int]:
@@ -146,18 +168,25 @@ def middle_bins(nb: int) -> tuple[int, int]:
     return (nb // 2 - 1, nb // 2) if nb % 2 == 0 else (nb // 2 - 1, nb // 2 + 1)
 
 
-def random_between(runs: np.ndarray, labels: list[str], confidence: float = 0.95) -> Verdict:
-    """"Reverting a random share costs between the middle bins": ``runs`` ``[classes, repeats, bins + 1]``, random last."""
+def random_between(runs: np.ndarray, labels: list[str], confidence: float = 0.95, lower_is_better: bool = False) -> Verdict:
+    """"Reverting a random share costs between the middle bins": ``runs`` ``[classes, repeats, bins + 1]``, random last.
+
+    With ``lower_is_better`` (log-loss) a cost is a rise; the differences in the reasons are then
+    written the other way round (bin minus random, random minus bin), so that they stay in the units measured.
+    """
     nb = len(labels)
     if nb < 3:
         return Verdict(CANNOT_TELL, f"needs at least 3 bins, there are {nb}")
     a, b = middle_bins(nb)
+    means = runs.mean(axis=(0, 1))
+    runs = -runs if lower_is_better else runs
     lo_b, hi_b = runs[..., a], runs[..., b]
     if hi_b.mean() < lo_b.mean():  # orient by the data: "between" either way round
         (a, lo_b), (b, hi_b) = (b, hi_b), (a, lo_b)
     rnd = runs[..., nb]
-    means = runs.mean(axis=(0, 1))
     shown = f"{labels[a]} {means[a]:+.3f}, random {means[nb]:+.3f}, {labels[b]} {means[b]:+.3f}"
+    above_name = f"{labels[a]} minus random" if lower_is_better else f"random minus {labels[a]}"
+    below_name = f"random minus {labels[b]}" if lower_is_better else f"{labels[b]} minus random"
     strict = 1 - (1 - confidence) / 2
     above, below = interval(rnd - lo_b, strict), interval(hi_b - rnd, strict)
     if above.hi < 0:
@@ -166,9 +195,9 @@ def random_between(runs: np.ndarray, labels: list[str], confidence: float = 0.95
         return Verdict(NO, f"random cost less than {labels[b]} ({shown}; difference {-below.mean:+.3f} ± {below.half:.3f})")
     above, below = interval(rnd - lo_b, confidence), interval(hi_b - rnd, confidence)
     if above.lo > 0 and below.lo > 0:
-        return Verdict(YES, f"{shown}; random minus {labels[a]} {above}, {labels[b]} minus random {below} ({confidence:.0%} CI)")
-    return Verdict(CANNOT_TELL, f"differences within noise ({shown}; random minus {labels[a]} {above}, "
-                                f"{labels[b]} minus random {below}, {confidence:.0%} CI)")
+        return Verdict(YES, f"{shown}; {above_name} {above}, {below_name} {below} ({confidence:.0%} CI)")
+    return Verdict(CANNOT_TELL, f"differences within noise ({shown}; {above_name} {above}, "
+                                f"{below_name} {below}, {confidence:.0%} CI)")
 
 
 def both(first: Verdict, second: Verdict) -> Verdict:

@@ -30,12 +30,12 @@ from __future__ import annotations
 from .engine import _choose_mode, reversion_counts, revert
 from .experiment import _bin_masks, evaluate_reversion
 from .tables import (
-    METRICS, RANDOM, SPLITS, ReversionResult, bin_labels, combine_reversion, plot_reversion_bars, reversion_markdown,
-    reversion_table, write_reversion_csv, write_reversion_markdown,
+    LOG_LOSS, METRICS, RANDOM, SPLITS, ReversionResult, bin_labels, combine_reversion, metric_label, plot_reversion_bars,
+    reversion_markdown, reversion_table, write_reversion_csv, write_reversion_markdown,
 )
 
 __all__ = [
-    "SPLITS", "METRICS", "RANDOM", "bin_labels", "revert", "reversion_counts", "evaluate_reversion", "ReversionResult",
+    "SPLITS", "METRICS", "LOG_LOSS", "metric_label", "RANDOM", "bin_labels", "revert", "reversion_counts", "evaluate_reversion", "ReversionResult",
     "combine_reversion", "reversion_table", "write_reversion_csv", "reversion_markdown", "write_reversion_markdown",
     "plot_reversion_bars",
 ]

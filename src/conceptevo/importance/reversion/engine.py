@@ -114,6 +114,17 @@ def _correct(logits: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor
     return torch.stack([hit1, hitk], dim=-1)
 
 
+def _measured(logits: torch.Tensor, labels: torch.Tensor, k: int, log_loss: bool) -> torch.Tensor:
+    """:func:`_correct`'s counts; with ``log_loss`` as float64 with a third column, the summed negative
+    log-probability of the true class (``-log_softmax(logits)[label]``: the cross-entropy, summed over images)."""
+    hits = _correct(logits, labels, k)
+    if not log_loss:
+        return hits
+    logp = torch.log_softmax(logits.double(), dim=-1)
+    nll = -logp.gather(-1, labels.expand(logits.shape[:-1]).unsqueeze(-1)).squeeze(-1)
+    return torch.cat([hits.double(), nll.sum(-1, keepdim=True)], dim=-1)
+
+
 def _forked(out: torch.Tensor, src: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     """``[V*B, ...]``: copy v of the batch has the channels of ``masks[v]`` (:func:`channel_masks`) taken from ``src``."""
     masks = masks if masks.dim() == out.dim() else channel_masks(masks, out.dim())  # plain [V, C]: channels first
@@ -164,14 +175,17 @@ def _replaced(out: torch.Tensor, src: torch.Tensor, mask: torch.Tensor) -> torch
 def reversion_counts(model_from: nn.Module, model_to: nn.Module, dataset, positions, masks: dict[str, np.ndarray],
                      batch_size: int = 64, device="cpu", fork: bool = True, progress: bool = False,
                      desc: str = "reversion", check_models: bool = True,
-                     channel_axis=None) -> tuple[np.ndarray, np.ndarray, int]:
+                     channel_axis=None, log_loss: bool = False) -> tuple[np.ndarray, np.ndarray, int]:
     """Top-1/top-5 hits of ``model_to`` on ``positions`` of ``dataset``, clean and with each reversion.
 
     ``masks[layer]`` is a boolean ``[variants, channels]`` array: variant v
     reverts that layer's channels where the row is True. Both models must be
     in eval mode (``channel_axis``: as for :func:`conceptevo.find_stimuli`). Returns ``(clean [2], reverted [layers, variants, 2], images)``
     with layers in ``masks``' order. ``fork=False`` forces one forward per
-    variant (for checking).
+    variant (for checking). With ``log_loss`` the last axis has a third entry, the
+    summed negative log-probability of the true class (cross-entropy of the
+    logits; for a model adapted by :func:`~conceptevo.importance.targets.next_token_outputs`, of the
+    true next token), and the arrays are float64 (the hits stay whole numbers).
 
     Under ``torchrun`` each rank counts every ``world``-th position and the
     counts are summed, so every rank returns one process's numbers. Ranks
@@ -193,15 +207,16 @@ def reversion_counts(model_from: nn.Module, model_to: nn.Module, dataset, positi
     dtype = model_dtype(model_to)
     mask_t = {n: torch.as_tensor(np.asarray(m, dtype=bool), device=dev) for n, m in masks.items()}
     nvar = {n: int(m.shape[0]) for n, m in mask_t.items()}
-    clean = torch.zeros(2, dtype=torch.int64, device=dev)
-    reverted = {n: torch.zeros(nvar[n], 2, dtype=torch.int64, device=dev) for n in layers}
+    width, kind = (3, torch.float64) if log_loss else (2, torch.int64)
+    clean = torch.zeros(width, dtype=kind, device=dev)
+    reverted = {n: torch.zeros(nvar[n], width, dtype=kind, device=dev) for n in layers}
     mode: dict[str, str] = {}
     total = 0
     batches = iter_batches(dataset, batch_size, positions=mine)
     with torch.no_grad():
         for b, (x, y, _) in enumerate(tqdm(batches, total=-(-len(mine) // batch_size), desc=desc,
                                            disable=not progress or not ddp.is_main(), leave=False)):
-            x = x.to(device=dev, dtype=dtype, non_blocking=True)
+            x = x.to(device=dev, dtype=dtype if x.is_floating_point() else None, non_blocking=True)  # token ids stay integers
             y = y.to(dev)
             nb = x.shape[0]
             total += nb
@@ -211,7 +226,7 @@ def reversion_counts(model_from: nn.Module, model_to: nn.Module, dataset, positi
                 acts_from.require_all()
             # model t''s clean output: once per batch
             with capture(model_to, layers, lambda n, o: tuple(o.shape)) as shapes_to:
-                clean += _correct(run_model(model_to, x, b == 0), y, 5)
+                clean += _measured(run_model(model_to, x, b == 0), y, 5, log_loss)
                 shapes_to.require_all()
             if b == 0:
                 check_shapes(acts_from, shapes_to, layers)
@@ -229,7 +244,7 @@ def reversion_counts(model_from: nn.Module, model_to: nn.Module, dataset, positi
                     mode[n] = _choose_mode(model_to, n, x, src, m) if fork else "direct"
                 if mode[n] != "direct":
                     try:
-                        reverted[n] += _fork_counts(model_to, n, x, y, src, m, mode[n])
+                        reverted[n] += _fork_counts(model_to, n, x, y, src, m, mode[n], log_loss)
                     except RuntimeError as e:  # safety net: the check on the first batch passed but this batch cannot fork
                         log.debug("layer %s: fork failed on batch %d (%s); one forward per bin", n, b, str(e)[:120])
                         mode[n] = "direct"
@@ -238,7 +253,7 @@ def reversion_counts(model_from: nn.Module, model_to: nn.Module, dataset, positi
                         with replace_outputs(model_to, {n: lambda out, s=src, mv=m[v]: _replaced(out, s, mv)}) as calls:
                             logits = run_model(model_to, x, False)
                         calls.require_once()
-                        reverted[n][v] += _correct(logits, y, 5)
+                        reverted[n][v] += _measured(logits, y, 5, log_loss)
             del acts_from
     shared = [f"{n} ({mode[n]})" for n in layers if mode.get(n, "direct") != "direct"]
     log.debug("reversion: %d of %d layers share a prefix across bins: %s", len(shared), len(layers), ", ".join(shared))
@@ -249,8 +264,8 @@ def reversion_counts(model_from: nn.Module, model_to: nn.Module, dataset, positi
     return clean.cpu().numpy(), rev.cpu().numpy(), total
 
 
-def _fork_counts(model_to, layer, x, y, src, masks, mode: str = "fork") -> torch.Tensor:
-    """``[variants, 2]`` hits with the batch forked into one copy per variant.
+def _fork_counts(model_to, layer, x, y, src, masks, mode: str = "fork", log_loss: bool = False) -> torch.Tensor:
+    """``[variants, 2]`` hits with the batch forked into one copy per variant (``[variants, 3]`` with ``log_loss``).
 
     ``mode`` "fork": the batch is copied at ``layer``'s output, so everything
     before the layer runs once. "block:NAME": the batch is copied where it
@@ -264,12 +279,13 @@ def _fork_counts(model_to, layer, x, y, src, masks, mode: str = "fork") -> torch
     """
     nv = masks.shape[0]
     step = x.shape[0] if x.device.type != "cpu" else max(2, -(-x.shape[0] // nv))
-    hits = torch.zeros(nv, 2, dtype=torch.int64, device=x.device)
+    hits = torch.zeros(nv, 3, dtype=torch.float64, device=x.device) if log_loss else \
+        torch.zeros(nv, 2, dtype=torch.int64, device=x.device)
     for xs, ys, ss in zip(x.split(step), y.split(step), src.split(step)):
         logits = _forked_logits(model_to, layer, xs, ss, masks, mode)
         if logits.shape[0] != nv * xs.shape[0]:
             raise RuntimeError(f"expected {nv * xs.shape[0]} outputs, got {logits.shape[0]}")
-        hits += _correct(logits.view(nv, xs.shape[0], -1), ys, 5)
+        hits += _measured(logits.view(nv, xs.shape[0], -1), ys, 5, log_loss)
     return hits
 
 

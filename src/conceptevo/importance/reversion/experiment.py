@@ -14,7 +14,7 @@ from ...hooks import eval_mode
 from .._common import check_class, check_pair, class_label, labels_of, sample_positions
 from ..scores import evolution_importance
 from .engine import reversion_counts
-from .tables import METRICS, RANDOM, SPLITS, ReversionResult, bin_labels
+from .tables import LOG_LOSS, METRICS, RANDOM, SPLITS, ReversionResult, bin_labels
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ def evaluate_reversion(model_from: nn.Module, model_to: nn.Module, train_dataset
                        layers=None, num_images: int | None = 128, repeats: int = 5, seed: int = 0, bins: int = 4,
                        batch_size: int = 64, device="cpu", num_test_images: int | None = 128,
                        stage: tuple[str, str] | None = None, progress: bool = True,
-                       channel_axis=None) -> "ReversionResult":
+                       channel_axis=None, log_loss: bool = False) -> "ReversionResult":
     """Accuracy change on class ``class_index`` when each importance bin's evolutions are reverted.
 
     Per repeat r (seeded with ``(seed, r)``): sample ``num_images`` training
@@ -51,7 +51,10 @@ def evaluate_reversion(model_from: nn.Module, model_to: nn.Module, train_dataset
     ``model_from``'s and record the top-1 / top-5 accuracy change against no
     reversion, on the same training images and on a seeded sample of
     ``num_test_images`` test images of the class (None: all of them).
-    ``test_dataset`` may be None (test columns are then NaN).
+    ``test_dataset`` may be None (test columns are then NaN). With ``log_loss``
+    the result has a third metric, ``"logloss"``: the change of the mean negative
+    log-probability of the true class (lower is better, so reverting an important
+    bin should raise it).
 
     Cost per repeat: one importance pass, then per evaluation batch one
     forward of each model plus, per layer, one forward of ``model_to`` forked
@@ -72,7 +75,9 @@ def evaluate_reversion(model_from: nn.Module, model_to: nn.Module, train_dataset
     train_dataset = indexed(train_dataset)
     train_labels = labels_of(train_dataset)
     train_pos_all = check_class(train_dataset, class_index, train_labels)
-    num_classes = len(getattr(train_dataset, "classes", None) or []) or int(train_labels.max()) + 1  # for chance level
+    # for the chance level: the model's outputs where the dataset says (next-token targets: the vocabulary), else its classes
+    num_classes = (getattr(train_dataset, "num_outputs", None) or len(getattr(train_dataset, "classes", None) or [])
+                   or int(train_labels.max()) + 1)
     test_pos_all = None
     if test_dataset is not None:
         test_dataset = indexed(test_dataset)
@@ -80,8 +85,9 @@ def evaluate_reversion(model_from: nn.Module, model_to: nn.Module, train_dataset
     class_index = int(class_index)
     labels = bin_labels(bins) + [RANDOM]
     nv = len(labels)
-    changes = np.full((1, repeats, len(SPLITS), len(METRICS), len(names), nv), np.nan)
-    clean = np.full((1, repeats, len(SPLITS), len(METRICS)), np.nan)
+    metrics = METRICS + ((LOG_LOSS,) if log_loss else ())
+    changes = np.full((1, repeats, len(SPLITS), len(metrics), len(names), nv), np.nan)
+    clean = np.full((1, repeats, len(SPLITS), len(metrics)), np.nan)
     counts = np.zeros((1, repeats, len(SPLITS)), dtype=np.int64)
     for r in tqdm(range(repeats), desc=f"reversion c{class_index}", disable=not progress or not ddp.is_main(), leave=False):
         rng = np.random.default_rng([seed, r])
@@ -96,7 +102,8 @@ def evaluate_reversion(model_from: nn.Module, model_to: nn.Module, train_dataset
         with eval_mode(model_from, model_to):
             for s, ds, pos in evals:
                 ok, rev, n = reversion_counts(model_from, model_to, ds, pos, masks, batch_size=batch_size, device=dev,
-                                              desc=f"revert {SPLITS[s]}", check_models=False, channel_axis=channel_axis)
+                                              desc=f"revert {SPLITS[s]}", check_models=False, channel_axis=channel_axis,
+                                              log_loss=log_loss)
                 clean[0, r, s] = ok / n
                 changes[0, r, s] = np.moveaxis((rev - ok[None, None, :]) / n, -1, 0)
                 counts[0, r, s] = n
@@ -105,4 +112,4 @@ def evaluate_reversion(model_from: nn.Module, model_to: nn.Module, train_dataset
     return ReversionResult([class_index], list(names), labels, changes, clean, counts,
                            stage=tuple(stage) if stage else None,
                            config=dict(num_images=num_images, num_test_images=num_test_images, repeats=repeats,
-                                       seed=seed, bins=bins, num_classes=num_classes))
+                                       seed=seed, bins=bins, num_classes=num_classes), metrics=metrics)

@@ -17,7 +17,15 @@ from ..verdicts import Verdict
 
 SPLITS = ("train", "test")
 METRICS = ("top1", "top5")
+#: The optional third metric: mean negative log-probability of the true class (lower is better).
+LOG_LOSS = "logloss"
 RANDOM = "random"
+_SHOWN = {"top1": "top-1", "top5": "top-5", LOG_LOSS: "log-loss"}
+
+
+def metric_label(metric: str) -> str:
+    """How tables name a metric: ``top-1``, ``top-5``, ``log-loss``."""
+    return _SHOWN.get(metric, metric)
 
 
 def bin_labels(bins: int) -> list[str]:
@@ -32,10 +40,12 @@ class ReversionResult:
     """Accuracy changes from reverting evolutions, for one or more classes of one stage.
 
     ``changes[k, r, s, m, l, v]``: class k, repeat r, split s (``SPLITS``:
-    train, test), metric m (``METRICS``: top1, top5), layer l, variant v
-    (``bins``: the percentile bins, then ``"random"``); reverted accuracy minus
-    clean accuracy. ``clean[k, r, s, m]`` is the accuracy without reversion and
-    ``num_images[k, r, s]`` the number of images it was measured on.
+    train, test), metric m (``metrics``: top1, top5, and where measured
+    ``"logloss"``), layer l, variant v (``bins``: the percentile bins, then
+    ``"random"``); reverted minus clean. ``clean[k, r, s, m]`` is the metric
+    without reversion and ``num_images[k, r, s]`` the number of images it was
+    measured on. Log-loss (the mean negative log-probability of the true class)
+    is lower for a better model: reverting an important bin should raise it.
     """
 
     class_indices: list[int]
@@ -46,9 +56,15 @@ class ReversionResult:
     num_images: np.ndarray
     stage: tuple[str, str] | None = None
     config: dict = field(default_factory=dict)
+    metrics: tuple = METRICS
 
     splits = SPLITS
-    metrics = METRICS
+
+    def __post_init__(self):
+        self.metrics = tuple(self.metrics)
+        if self.changes.shape[3] != len(self.metrics):
+            raise ConceptEvoError(f"changes hold {self.changes.shape[3]} metrics but metrics names {len(self.metrics)}: "
+                                  f"{list(self.metrics)}")
 
     @property
     def repeats(self) -> int:
@@ -95,7 +111,15 @@ class ReversionResult:
     def chance(self, metric: str = "top1") -> float | None:
         """The metric's chance level (k / classes for top-k), or None when the number of classes was not recorded."""
         c = self.config.get("num_classes")
+        if metric == LOG_LOSS:
+            return None
         return min(1.0, (1 if metric == "top1" else 5) / c) if c else None
+
+    def _metric(self, metric: str) -> int:
+        if metric not in self.metrics:
+            raise ConceptEvoError(f"metric {metric!r} was not measured in this result; it has {', '.join(self.metrics)}"
+                                  + (" (measure log-loss with log_loss=True)" if metric == LOG_LOSS else ""))
+        return self.metrics.index(metric)
 
     def check_claim(self, split: str = "train", metric: str = "top1", confidence: float = 0.95) -> dict[str, Verdict]:
         """Do "the more important the bin, the larger the drop" and "random between the middle bins" hold?
@@ -107,16 +131,20 @@ class ReversionResult:
         numbers. ``monotonic``: reverting a more important bin lowers
         accuracy more (and the most important bin lowers it).
         ``random_between``: the random bin's change lies between the two
-        middle bins' (25-50 and 50-75 of 4). ``holds``: both.
+        middle bins' (25-50 and 50-75 of 4). ``holds``: both. For ``"logloss"``
+        (lower is better) the claims read the other way round: the more important
+        the bin, the larger the rise; there is no chance level to check.
         """
-        s, m = SPLITS.index(split), METRICS.index(metric)
+        s, m = SPLITS.index(split), self._metric(metric)
         runs = self.changes[:, :, s, m].mean(axis=2)  # [classes, repeats, variants]: mean over layers
-        pre = verdicts.precheck(runs, self.clean[:, :, s, m], self.num_images[:, :, s], self.chance(metric))
+        lower = metric == LOG_LOSS
+        pre = verdicts.precheck(runs, self.clean[:, :, s, m], self.num_images[:, :, s], self.chance(metric),
+                                accuracy=not lower)
         if pre is not None:
             return {"monotonic": pre, "random_between": pre, "holds": pre}
         labels = list(self.bins[:-1])
-        mono = verdicts.monotonic(runs, labels, confidence)
-        between = verdicts.random_between(runs, labels, confidence)
+        mono = verdicts.monotonic(runs, labels, confidence, lower_is_better=lower)
+        between = verdicts.random_between(runs, labels, confidence, lower_is_better=lower)
         return {"monotonic": mono, "random_between": between, "holds": verdicts.both(mono, between)}
 
     def verdict_lines(self, metric: str = "top1") -> list[str]:
@@ -125,8 +153,8 @@ class ReversionResult:
         lines = []
         for split in SPLITS:
             v = self.check_claim(split=split, metric=metric)
-            where = f"{self.stage_label() + ' ' if self.stage else ''}{split} {metric.replace('top', 'top-')}"
-            lines.append(f"{where}: more important bin -> larger drop: {v['monotonic']}")
+            where = f"{self.stage_label() + ' ' if self.stage else ''}{split} {metric_label(metric)}"
+            lines.append(f"{where}: more important bin -> larger {'rise' if metric == LOG_LOSS else 'drop'}: {v['monotonic']}")
             lines.append(f"{where}: random between {self.bins[a]} and {self.bins[b]}: {v['random_between']}")
         return lines
 
@@ -136,6 +164,8 @@ class ReversionResult:
         path = Path(path)
         meta = dict(class_indices=[int(c) for c in self.class_indices], layers=list(self.layers), bins=list(self.bins),
                     stage=list(self.stage) if self.stage else None, config=self.config)
+        if self.metrics != METRICS:  # results of the two accuracies alone stay as they were saved before log-loss
+            meta["metrics"] = list(self.metrics)
         with atomic_path(path, suffix=".npz") as tmp:
             with open(tmp, "wb") as f:
                 np.savez(f, changes=self.changes, clean=self.clean, num_images=self.num_images,
@@ -147,7 +177,8 @@ class ReversionResult:
         with np.load(path, allow_pickle=False) as z:
             meta = json.loads(str(z["meta"]))
             return cls(meta["class_indices"], meta["layers"], meta["bins"], z["changes"], z["clean"], z["num_images"],
-                       stage=tuple(meta["stage"]) if meta.get("stage") else None, config=meta.get("config", {}))
+                       stage=tuple(meta["stage"]) if meta.get("stage") else None, config=meta.get("config", {}),
+                       metrics=tuple(meta.get("metrics", METRICS)))
 
 
 def combine_reversion(results: Sequence[ReversionResult]) -> ReversionResult:
@@ -157,7 +188,7 @@ def combine_reversion(results: Sequence[ReversionResult]) -> ReversionResult:
         raise ConceptEvoError("no reversion results to combine")
     first = results[0]
     for r in results[1:]:
-        for attr in ("layers", "bins", "stage"):
+        for attr in ("layers", "bins", "stage", "metrics"):
             if getattr(r, attr) != getattr(first, attr):
                 raise ConceptEvoError(f"cannot combine reversion results with different {attr}: {getattr(first, attr)} vs {getattr(r, attr)}")
         if r.repeats != first.repeats:
@@ -166,6 +197,7 @@ def combine_reversion(results: Sequence[ReversionResult]) -> ReversionResult:
         [c for r in results for c in r.class_indices], list(first.layers), list(first.bins),
         np.concatenate([r.changes for r in results]), np.concatenate([r.clean for r in results]),
         np.concatenate([r.num_images for r in results]), stage=first.stage, config=dict(first.config),
+        metrics=first.metrics,
     )
 
 
@@ -186,7 +218,7 @@ def reversion_table(results, class_names=None) -> list[dict]:
     for res in _results(results):
         summ = res.summary()
         for s, split in enumerate(SPLITS):
-            for m, metric in enumerate(METRICS):
+            for m, metric in enumerate(res.metrics):
                 if np.isnan(summ["mean"][s, m]).all():
                     continue
                 row = {"stage": res.stage_label(), "split": split, "metric": metric,
@@ -223,7 +255,8 @@ def reversion_markdown(results, class_names=None) -> str:
     head = ["Stage", "Accuracy", "Clean"] + [("Random 25%" if b == RANDOM else b) for b in bins]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * (len(head) - 2)) + "|"]
     for row in reversion_table(results):
-        cells = [row["stage"], f"{row['split']} {row['metric'].replace('top', 'top-')}", f"{row['clean']:.3f}"]
+        lower = " (lower is better)" if row["metric"] == LOG_LOSS else ""
+        cells = [row["stage"], f"{row['split']} {metric_label(row['metric'])}{lower}", f"{row['clean']:.3f}"]
         cells += [f"{row[b]:+.3f} ± {row[b + ' std']:.3f}" for b in bins]
         lines.append("| " + " | ".join(cells) + " |")
     res = results[0]
@@ -231,10 +264,20 @@ def reversion_markdown(results, class_names=None) -> str:
     named = f" ({_named(res.class_indices, class_names)})" if class_names is not None else ""
     lines.append(f"Accuracy change (reverted minus clean), mean over layers and {len(res.class_indices)} class(es){named}, "
                  f"± std over {res.repeats} repeats. Bins are percentiles of the importance ranking (0-25 = most important).")
+    loss = all(LOG_LOSS in r.metrics for r in results)
+    if loss:
+        lines.append("Log-loss rows: change of the mean negative log-probability of the true class (nats; lower is better, "
+                     "so reverting an important bin should raise it); their Clean column is the log-loss itself.")
+    untested = [r.stage_label() or "the stage" for r in results if np.isnan(r.summary()["mean"][1]).all()]
+    if untested:
+        lines.append(f"No test rows for {', '.join(untested)}: not measured (no held-out split).")
     lines.append("")
-    lines.append("Verdicts (top-1; from the per-run changes and their spread over repeats and classes, 95% confidence):")
+    lines.append(f"Verdicts (top-1{' and log-loss' if loss else ''}; from the per-run changes and their spread over repeats "
+                 "and classes, 95% confidence):")
     lines.append("")
     lines += [f"- {line}" for r in results for line in r.verdict_lines()]
+    if loss:
+        lines += [f"- {line}" for r in results for line in r.verdict_lines(LOG_LOSS)]
     return "\n".join(lines) + "\n"
 
 
@@ -256,9 +299,12 @@ def plot_reversion_bars(path, results, split: str | None = None, metric: str | N
     results = _results(results)
     if not results:
         raise ConceptEvoError("no reversion results to plot")
-    panels = [(s, m) for s in SPLITS for m in METRICS if (split in (None, s)) and (metric in (None, m))]
+    metrics = [m for m in METRICS + (LOG_LOSS,) if any(m in r.metrics for r in results)]
+    measured = [s for s in SPLITS if any(not np.isnan(r.changes[:, :, SPLITS.index(s)]).all() for r in results)]
+    panels = [(s, m) for s in SPLITS for m in metrics if (split in (None, s)) and (metric in (None, m))
+              and (s in measured or split == s)]
     if not panels:
-        raise ConceptEvoError(f"nothing to plot for split={split!r}, metric={metric!r}; use {SPLITS} and {METRICS}")
+        raise ConceptEvoError(f"nothing to plot for split={split!r}, metric={metric!r}; use {SPLITS} and {tuple(metrics)}")
     fig = new_figure(figsize=(3.2 * len(panels), 2.8 * len(results)), dpi=120)
     axes = fig.subplots(len(results), len(panels), squeeze=False)
     for i, res in enumerate(results):
@@ -266,7 +312,10 @@ def plot_reversion_bars(path, results, split: str | None = None, metric: str | N
         nb = len(res.bins) - 1
         for j, (s, m) in enumerate(panels):
             ax = axes[i][j]
-            si, mi = SPLITS.index(s), METRICS.index(m)
+            if m not in res.metrics:
+                ax.set_axis_off()
+                continue
+            si, mi = SPLITS.index(s), res.metrics.index(m)
             mean, std = summ["mean"][si, mi], summ["std"][si, mi]
             ax.bar(range(nb), mean[:nb], yerr=std[:nb], capsize=3, color="#4c72b0", zorder=2)
             ax.axhline(mean[nb], color="#c44e52", linestyle="--", linewidth=1.2, label="random 25%")
@@ -276,8 +325,10 @@ def plot_reversion_bars(path, results, split: str | None = None, metric: str | N
             ax.set_xticks(range(nb))
             ax.set_xticklabels(res.bins[:nb], fontsize=8)
             ax.set_xlabel("importance percentile", fontsize=8)
-            ax.set_title(f"{res.stage_label() + '  ' if res.stage else ''}{s} {m.replace('top', 'top-')}", fontsize=9)
+            ax.set_title(f"{res.stage_label() + '  ' if res.stage else ''}{s} {metric_label(m)}", fontsize=9)
             ax.tick_params(labelsize=8)
+            if m == LOG_LOSS:
+                ax.set_ylabel("log-loss change (lower is better)", fontsize=8)
             if j == 0:
                 ax.set_ylabel("accuracy change", fontsize=8)
                 ax.legend(fontsize=7, loc="lower right")
