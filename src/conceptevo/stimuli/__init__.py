@@ -153,6 +153,8 @@ def find_stimuli(model: nn.Module, dataset, k: int = 10, layers=None, batch_size
     stimuli. ``"layer"``: inside each layer's hook, with argmax positions
     computed only for the maps that enter the top-k (fastest on a CPU, where
     a max-with-index reduction costs about a third of a small CNN's forward).
+    On a CPU either mode merges by one compiled insertion pass per layer and
+    batch (:mod:`conceptevo.stimuli._insert`); on a GPU by tensor operations.
     ``"batch"``: each hook only reduces its maps to ``[B, C]`` maxima and
     argmaxes (on CUDA with Triton, by a fused kernel that reads each map once
     at full bandwidth: :mod:`conceptevo.stimuli._fused`); one merge per batch
