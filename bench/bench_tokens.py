@@ -14,7 +14,8 @@ Weights are untrained and inputs random (images from the synthetic set, token id
 cost does not depend on either. The machine is shared, so every repeat runs the bare forward and the
 pass back to back, in alternating order, and the ratio of each pair is kept: the report gives the
 median pair ratio and the spread (min-max) of wall time, and the same for process CPU time (user +
-sys), which other processes' load disturbs less. ``--memory`` adds the peak memory of each (process
+sys), which other processes' load disturbs less. ``--parts`` splits the pass's cost: the forward with
+hooks that do nothing, and with hooks that only take the max over tokens. ``--memory`` adds the peak memory of each (process
 RSS growth, in a fresh subprocess) per token; ``--disk`` the bytes of the saved stimuli.
 """
 from __future__ import annotations
@@ -30,6 +31,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from conceptevo.units import strength
 
 LAYERS = {"vit_tiny": ["blocks.*.mlp.act"], "vit_small": ["blocks.*.mlp.act"], "lm_tiny": ["blocks.*.mlp.act"],
           "neox": ["gpt_neox.layers.*.mlp.act"]}
@@ -85,6 +88,18 @@ def stimuli_pass(model, ds, a, merge="layer"):
     return find_stimuli(model, ds, k=a.k, layers=LAYERS[a.model], batch_size=a.batch_size, progress=False, merge=merge)
 
 
+def hooked_pass(model, ds, a, fn):
+    """The bare forward with the pass's hooks calling ``fn(name, output)`` (for --parts)."""
+    from conceptevo.data.loader import iter_batches
+    from conceptevo.hooks import capture
+    from conceptevo.layers import resolve_layers
+
+    with torch.inference_mode(), capture(model, resolve_layers(model, LAYERS[a.model]), fn) as outs:
+        for x, _, _ in iter_batches(ds, a.batch_size):
+            outs.clear()
+            model(x)
+
+
 def timed(fn) -> tuple[float, float]:
     w, c = time.perf_counter(), time.process_time()
     fn()
@@ -116,7 +131,7 @@ def memory_child(a, which: str) -> None:
 def child_args(a) -> list[str]:
     out = []
     for key, value in vars(a).items():
-        if key in ("memory", "disk", "memory_child"):
+        if key in ("memory", "disk", "memory_child", "parts") or value is None:
             continue
         out += [f"--{key.replace('_', '-')}", str(value)]
     return out
@@ -137,6 +152,8 @@ def main():
     p.add_argument("--neox-layers", type=int, default=4)
     p.add_argument("--neox-width", type=int, default=256)
     p.add_argument("--neox-heads", type=int, default=8)
+    p.add_argument("--parts", action="store_true",
+                   help="also time the forward with the pass's hooks doing nothing, and doing only the max over tokens")
     p.add_argument("--memory", action="store_true", help="also peak RSS growth of each pass, per token")
     p.add_argument("--disk", action="store_true", help="also the bytes of the saved stimuli")
     p.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
@@ -151,6 +168,9 @@ def main():
     runs = {"bare": lambda: bare_pass(model, ds, a.batch_size)}
     for m in merges:
         runs[m] = lambda m=m: stimuli_pass(model, ds, a, m)
+    if a.parts:
+        runs["hooks only"] = lambda: hooked_pass(model, ds, a, lambda name, out: True)
+        runs["hooks + max over tokens"] = lambda: hooked_pass(model, ds, a, lambda name, out: strength(out, -1))
     for fn in runs.values():  # warm-up (and numba's compilation, cached on disk after the first run)
         fn()
     times = {key: [] for key in runs}
@@ -167,9 +187,10 @@ def main():
     for j, what in ((0, "wall"), (1, "CPU")):
         bare = [t[j] for t in times["bare"]]
         line = f"  {what:4s}: bare median {med(bare):.3f} s ({1e3 * med(bare) / total_tokens:.4f} ms/token)"
-        for m in merges:
+        for m in list(runs)[1:]:
             ratios = [s[j] / b[j] for s, b in zip(times[m], times["bare"])]
-            line += (f"; pass merging per {m} median {med([t[j] for t in times[m]]):.3f} s, ratio median "
+            what = f"pass merging per {m}" if m in merges else m
+            line += (f"; {what} median {med([t[j] for t in times[m]]):.3f} s, ratio median "
                      f"{med(ratios):.3f} (min {min(ratios):.3f}, max {max(ratios):.3f})")
         print(line)
     print("  target <= 1.15 (the CPU default merges per layer)")

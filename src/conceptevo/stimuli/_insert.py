@@ -2,8 +2,8 @@
 
 Why: on a CPU, the tensor merge of :class:`conceptevo.stimuli._TopK` (candidate selection, a stable sort
 of ``[C, k + m]``, gathers, then the argmax of every entering map) is a dozen small PyTorch operations per
-layer and batch. For a small transformer they cost 10-40% of a bare forward (``bench/bench_tokens.py``),
-more than the reduction of the maps itself, and they barely get faster with more threads. Here one loop
+layer and batch. For a small ViT they were about 10% of the pass in a profile, more than the reduction
+of the maps itself, and they barely get faster with more threads (``bench/bench_tokens.py``). Here one loop
 visits each ``(image, channel)`` strength once: a value that does not beat the channel's current k-th
 entry costs one comparison; one that does is inserted in place (the few entries below it shift down by
 one), and only then is its position found, by a scan of that one map.
@@ -18,7 +18,8 @@ import numpy as np
 import torch
 from numba import njit
 
-#: output dtypes the compiled pass reads (numpy has no bfloat16; a float16 pass takes the tensor merge)
+#: output dtypes whose maps the compiled pass reads for positions (numpy has no bfloat16; for float16 and
+#: bfloat16 outputs the pass merges their float32 strengths here and PyTorch finds the positions after)
 DTYPES = (torch.float32, torch.float64)
 
 
@@ -31,8 +32,8 @@ def _insert(vals, idx, maps, given, mode, v, ind, pos):  # pragma: no cover - co
     """
     B, C = vals.shape
     k = v.shape[1]
-    for b in range(B):  # batch order within each channel, as the merge's tie rule needs; channels innermost,
-        for c in range(C):  # where a [B, T, C] map's neighbouring channels are neighbours in memory
+    for b in range(B):  # the comparisons break ties by image index, so the visiting order does not matter;
+        for c in range(C):  # channels innermost: a [B, T, C] map's neighbouring channels are neighbours in memory
             x = vals[b, c]
             j = idx[b]
             last = v[c, k - 1]
