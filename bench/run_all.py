@@ -14,7 +14,8 @@ from pathlib import Path
 HERE = Path(__file__).parent
 SCRIPTS = [
     ("stimuli pass vs bare forward; memory vs pool size", ["bench_stimuli.py"]),
-    ("stimuli pass over token-shaped units (small ViT) vs bare forward", ["bench_tokens.py", "--threads", "1"]),
+    ("stimuli pass over token-shaped units (vit_tiny) vs bare forward", ["bench_tokens.py", "--threads", "1"]),
+    ("stimuli pass on the text demo's language model vs bare forward", ["bench_tokens.py", "--model", "lm_tiny", "--threads", "1"]),
     ("neuron and image embedding", ["bench_embedding.py"]),
     ("fidelity of the space against epochs and schedule (planted concepts)", ["bench_fidelity.py", "--quick"]),
     ("importance and reversion", ["bench_importance.py", "--threads", "1"]),

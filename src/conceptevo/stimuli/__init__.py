@@ -18,7 +18,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .. import distributed as ddp
-from . import _fused
+from . import _fused, _insert
 from ..data.loader import iter_batches
 from ..containers import Stimuli
 from ..errors import ConceptEvoError, ModelInputError, NonFiniteActivationError, check_positive
@@ -69,11 +69,22 @@ class _TopK:
         while finite float32 strengths cannot overflow a float64 sum: no separate check per batch.)"""
         return torch.isfinite(self.sum) & torch.isfinite(self.sumsq)
 
+    def _add_sums(self, vals: torch.Tensor) -> None:
+        self.sum += vals.sum(0, dtype=torch.float64)
+        self.sumsq += (vals * vals).sum(0, dtype=torch.float64)
+
     def update_from_output(self, out: torch.Tensor, info: LayerInfo, idx: torch.Tensor, ascending_after: bool) -> None:
         """Merge one batch's layer output. Argmax positions are computed only for the (image, channel)
         pairs that enter the top-k, not for the whole batch (the full max-with-index reduction costs
-        about a third of a small CNN's forward on a CPU)."""
+        about a third of a small CNN's forward on a CPU, and far more for ``[B, T, C]`` tokens)."""
         vals = info.strength(out)
+        if self.v.device.type == "cpu" and _insert.usable(out):
+            # CPU: one compiled insertion pass, which scans the map of each entering value for its position
+            vals = vals.float()
+            self._add_sums(vals)
+            maps = channels_first(out, info.channel_axis).flatten(2) if out.dim() > 2 and info.reduce == "max" else None
+            _insert.merge(vals, idx, self.v, self.i, self.p, maps=maps)
+            return
         B = vals.shape[0]
         # new candidates carry -(2 + row) as a placeholder position, resolved after the merge
         placeholder = -(2 + torch.arange(B, device=vals.device)).unsqueeze(1).expand(B, vals.shape[1])
@@ -90,22 +101,20 @@ class _TopK:
 
     def update(self, vals: torch.Tensor, pos: torch.Tensor, idx: torch.Tensor, ascending_after: bool) -> None:
         vals = vals.float()
-        self.sum += vals.sum(0, dtype=torch.float64)
-        self.sumsq += (vals * vals).sum(0, dtype=torch.float64)
+        self._add_sums(vals)
+        if self.v.device.type == "cpu":
+            # the compiled insertion pass (same entries, same order as the tensor merge below; no host
+            # synchronisation to avoid on a CPU)
+            _insert.merge(vals, idx, self.v, self.i, self.p, given=pos)
+            return
+        self.merge_tensors(vals, pos, idx, ascending_after)
+
+    def merge_tensors(self, vals: torch.Tensor, pos: torch.Tensor, idx: torch.Tensor, ascending_after: bool) -> None:
+        """The merge as tensor operations, for GPUs (no host synchronisation): ``[C, k + B]`` candidates, one
+        stable sort. The same entries in the same order as the CPU's insertion pass."""
         C, B = vals.shape[1], vals.shape[0]
-        vt, it, pt = vals.t(), idx.expand(C, B), pos.t()
-        if ascending_after and vals.device.type == "cpu":
-            # Only values above a channel's current k-th can enter (an equal one has a higher index and
-            # loses). Keep the m best per channel, m = the most any channel needs, in batch order so the
-            # stable sort still breaks ties by index. (Skipped on GPUs: m needs a host synchronisation.)
-            m = int((vt > self.v[:, -1:]).sum(dim=1).max())
-            if m == 0:
-                return
-            if m < B:
-                sel = vt.topk(m, dim=1).indices.sort(dim=1).values
-                vt, it, pt = vt.gather(1, sel), it.gather(1, sel), pt.gather(1, sel)
-        self._merge(torch.cat([self.v, vt], dim=1), torch.cat([self.i, it], dim=1),
-                    torch.cat([self.p, pt], dim=1), ascending_after)
+        self._merge(torch.cat([self.v, vals.t()], dim=1), torch.cat([self.i, idx.expand(C, B)], dim=1),
+                    torch.cat([self.p, pos.t()], dim=1), ascending_after)
 
     def merge_ranks(self) -> None:
         """Combine every rank's top-k into the exact global top-k (same result on every rank)."""
@@ -144,6 +153,8 @@ def find_stimuli(model: nn.Module, dataset, k: int = 10, layers=None, batch_size
     stimuli. ``"layer"``: inside each layer's hook, with argmax positions
     computed only for the maps that enter the top-k (fastest on a CPU, where
     a max-with-index reduction costs about a third of a small CNN's forward).
+    On a CPU either mode merges by one compiled insertion pass per layer and
+    batch (:mod:`conceptevo.stimuli._insert`); on a GPU by tensor operations.
     ``"batch"``: each hook only reduces its maps to ``[B, C]`` maxima and
     argmaxes (on CUDA with Triton, by a fused kernel that reads each map once
     at full bandwidth: :mod:`conceptevo.stimuli._fused`); one merge per batch
