@@ -90,12 +90,12 @@ def verdicts(per_seed: list[dict], vit: str = "vit") -> list[str]:
         for c in cnns:
             w = [s[c][key] for s in per_seed]
             if min(v) > max(w):
-                parts.append(f"higher than {c}")
+                parts.append(f"higher than {c}'s")
             elif max(v) < min(w):
-                parts.append(f"lower than {c}")
+                parts.append(f"lower than {c}'s")
             else:
-                parts.append(f"cannot tell from {c}")
-        out.append(f"{label}: the ViT is " + "; ".join(parts))
+                parts.append(f"cannot tell from {c}'s")
+        out.append(f"{label}, the ViT's: " + "; ".join(parts))
     return out
 
 
