@@ -56,7 +56,7 @@ def cmd_train(args) -> int:
         return _train_text(args)
     from .data import open_dataset
     from .models import build_model
-    from .models.train import TrainConfig, train
+    from .models.train import TrainConfig, default_optimizer, train
 
     train_set = open_dataset(args.data, args.data_path, split="train")
     test_set = open_dataset(args.data, args.data_path, split="test")
@@ -68,7 +68,8 @@ def cmd_train(args) -> int:
     model = build_model(arch, in_channels=int(train_set[0][0].shape[0]), num_classes=len(train_set.classes), width=args.width,
                         seed=args.seed)
     tc = TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
-                     every_steps=args.every_steps, first_epoch_checkpoints=args.first_epoch_checkpoints,
+                     optimizer=args.optimizer or default_optimizer(arch), weight_decay=args.weight_decay,
+                     warmup=args.warmup, every_steps=args.every_steps, first_epoch_checkpoints=args.first_epoch_checkpoints,
                      train_images=args.train_images, device=args.device)
     from .diagnostics.cli import train_monitor
 
@@ -221,12 +222,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run even when a model's last checkpoint scores at chance on the pool (e.g. an untrained baseline)")
 
     t = command("train", "train a built-in architecture and save checkpoints through training", cmd_train, [DEVICE, NO_PROGRESS])
-    t.add_argument("--arch", default="vgg_like", help="vgg_like, vgg_like_nodropout, resnet_like, tv:NAME")
+    t.add_argument("--arch", default="vgg_like", help="vgg_like, vgg_like_nodropout, resnet_like, vit_tiny, tv:NAME")
     t.add_argument("--data", default="fashion-mnist", help="fashion-mnist, idx, folder, synthetic")
     t.add_argument("--data-path", default=None)
     t.add_argument("--out", required=True, help="folder for the checkpoints")
     t.add_argument("--epochs", type=float, default=3)
-    t.add_argument("--lr", type=float, default=0.05)
+    t.add_argument("--optimizer", choices=["sgd", "adamw"], default=None,
+                   help="sgd (momentum 0.9) or adamw, each with a cosine schedule (default: adamw for vit_tiny, sgd otherwise)")
+    t.add_argument("--lr", type=float, default=None, help="peak learning rate (default: sgd 0.05, adamw 0.001)")
+    t.add_argument("--weight-decay", type=float, default=None,
+                   help="default: sgd 5e-4 on every parameter, adamw 0.05 on weight matrices only")
+    t.add_argument("--warmup", type=float, default=None,
+                   help="fraction of the steps over which the learning rate rises linearly (default: sgd 0, adamw 0.05)")
     t.add_argument("--batch-size", type=int, default=128)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--width", type=int, default=16)

@@ -4,12 +4,20 @@ Concepts form early (on Fashion-MNIST training accuracy passes 75% within the
 first epoch), so by default the first epoch is checkpointed at geometric
 fractions (1/32, 1/16, ..., 1/2, 1 of it), then every epoch. Each checkpoint records its top-1 and top-5
 accuracy on fixed, seeded evaluation subsets of the training and test data.
+
+Two optimisers, each with a cosine learning-rate schedule: ``sgd`` (momentum
+0.9, lr 0.05, weight decay 5e-4 on every parameter), the CNNs' default, and
+``adamw`` (lr 1e-3, weight decay 0.05 on weight matrices only, the first 5% of
+the steps a linear warm-up), the default for the built-in ViT
+(:func:`default_optimizer`; measured in docs/transformers.md). The settings
+actually used are recorded in ``checkpoints.json`` with the rest of the config.
 """
 from __future__ import annotations
 
 import logging
 import math
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -18,20 +26,48 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..data.loader import iter_batches
-from ..errors import ConceptEvoError, check_device, check_positive
+from ..errors import ConceptEvoError, check_device, check_positive, suggest
 from ..hooks import eval_mode, train_mode
 from .checkpoints import Checkpoint, epoch_tag, save_checkpoint, write_index
 
 log = logging.getLogger(__name__)
 
 
+#: each optimiser's defaults: learning rate, weight decay, warm-up (a fraction of all steps, linear from 0)
+OPTIMIZER_DEFAULTS = {
+    "sgd": {"lr": 0.05, "weight_decay": 5e-4, "warmup": 0.0},
+    "adamw": {"lr": 1e-3, "weight_decay": 0.05, "warmup": 0.05},
+}
+#: architectures whose default optimiser is not SGD (measured: docs/transformers.md, "Training the ViT")
+ARCH_OPTIMIZER = {"vit_tiny": "adamw"}
+
+
+def default_optimizer(arch: str) -> str:
+    """The optimiser ``conceptevo train`` and the demo use for ``arch`` unless told: AdamW for ``vit_tiny``, else SGD."""
+    return ARCH_OPTIMIZER.get(arch, "sgd")
+
+
+def check_optimizer(name) -> str:
+    """``name`` if it is a known optimiser, else a ConceptEvoError that lists them."""
+    if name not in OPTIMIZER_DEFAULTS:
+        raise ConceptEvoError(f"optimizer must be one of {', '.join(OPTIMIZER_DEFAULTS)}, got {name!r}."
+                              f"{suggest(name, OPTIMIZER_DEFAULTS)}")
+    return name
+
+
 @dataclass(frozen=True)
 class TrainConfig:
+    """How :func:`train` trains. ``lr``, ``weight_decay`` and ``warmup`` left as None take the optimiser's
+    defaults (:data:`OPTIMIZER_DEFAULTS`), filled in when the config is made, so the recorded config says
+    what was used."""
+
     epochs: float = 3
-    lr: float = 0.05
+    lr: float | None = None            # None: the optimiser's default (sgd 0.05, adamw 1e-3)
     batch_size: int = 128
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
+    momentum: float = 0.9              # SGD's momentum (AdamW: betas 0.9, 0.999)
+    weight_decay: float | None = None  # None: the optimiser's default (sgd 5e-4 on all, adamw 0.05 on weight matrices)
+    optimizer: str = "sgd"             # sgd or adamw (conceptevo train: default_optimizer(arch))
+    warmup: float | None = None        # fraction of the steps with a linear warm-up; None: sgd 0, adamw 0.05
     seed: int = 0
     first_epoch_checkpoints: int = 6   # checkpoints within epoch 1, geometric: 1/2^(n-1), ..., 1/4, 1/2, 1
     every_steps: int | None = None     # or: a checkpoint every N optimiser steps
@@ -41,9 +77,20 @@ class TrainConfig:
     save_initial: bool = False         # also save the untrained model as e0
     device: str = "cpu"
 
+    def __post_init__(self):
+        defaults = OPTIMIZER_DEFAULTS[check_optimizer(self.optimizer)]
+        for key in ("lr", "weight_decay", "warmup"):
+            if getattr(self, key) is None:
+                object.__setattr__(self, key, defaults[key])
+
     def validate(self) -> None:
         check_positive("epochs", self.epochs)
         check_positive("lr", self.lr)
+        if not (isinstance(self.weight_decay, (int, float)) and math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ConceptEvoError(f"weight_decay must be a number >= 0, got {self.weight_decay!r}")
+        if not (isinstance(self.warmup, (int, float)) and 0 <= self.warmup < 1):
+            raise ConceptEvoError(f"warmup (the fraction of the steps that warm the learning rate up) must be in [0, 1), "
+                                  f"got {self.warmup!r}")
         check_positive("batch_size", self.batch_size, integer=True)
         check_positive("first_epoch_checkpoints", self.first_epoch_checkpoints, integer=True)
         if self.every_steps is not None:
@@ -95,7 +142,7 @@ def recalibrate_batchnorm(model: nn.Module, dataset, positions, batch_size: int 
 
 def train(model: nn.Module, train_set, test_set, out_dir, config: TrainConfig = TrainConfig(), progress: bool = True,
           callbacks=()) -> list[Checkpoint]:
-    """Train ``model`` with SGD + cosine schedule and save checkpoints into ``out_dir``.
+    """Train ``model`` with ``config.optimizer`` (SGD or AdamW) and a cosine schedule; save checkpoints into ``out_dir``.
 
     Returns the checkpoints, also indexed in ``out_dir/checkpoints.json``.
     ``callbacks`` get ``on_checkpoint(model, checkpoint)`` after each save.
@@ -116,8 +163,11 @@ def train(model: nn.Module, train_set, test_set, out_dir, config: TrainConfig = 
     eval_train = np.sort(rng.choice(n_train, size=min(config.eval_images, n_train), replace=False))
     eval_test = np.sort(rng.choice(len(test_set), size=min(config.eval_images, len(test_set)), replace=False))
 
-    opt = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total_steps) / total_steps)))
+    opt = make_optimizer(model, config)
+    log.info("training %s with %s: lr %g, weight decay %g, warm-up %g of %d steps", type(model).__name__, config.optimizer,
+             config.lr, config.weight_decay, config.warmup, total_steps)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, partial(lr_factor, total=total_steps,
+                                                           warmup=round(config.warmup * total_steps)))
     loss_fn = nn.CrossEntropyLoss()
     checkpoints: list[Checkpoint] = []
 
@@ -167,6 +217,29 @@ def train(model: nn.Module, train_set, test_set, out_dir, config: TrainConfig = 
     if not checkpoints:
         raise ConceptEvoError("training saved no checkpoint; increase epochs")
     return checkpoints
+
+
+def decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Parameter groups for AdamW: weight decay on weight matrices and kernels (2 or more dimensions), none on
+    biases and normalisation scales."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+
+
+def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    """The optimiser ``config`` names, with its settings (SGD: decay on every parameter, as the CNNs were trained)."""
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(decay_groups(model, config.weight_decay), lr=config.lr)
+    return torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+
+
+def lr_factor(step: int, total: int, warmup: int = 0) -> float:
+    """The learning rate at ``step`` as a fraction of the peak: linear from 1/warmup to 1 over the first ``warmup``
+    steps, then a cosine from 1 down to 0 at ``total``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * min(step - warmup, total - warmup) / max(1, total - warmup)))
 
 
 def _save_steps(config: TrainConfig, steps_per_epoch: int, total_steps: int) -> dict[int, str]:

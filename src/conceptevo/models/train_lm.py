@@ -37,6 +37,7 @@ from torch import nn
 
 from ..errors import CheckpointError, ConceptEvoError
 from .lm import TinyLM, _transformers, lm_loss
+from .train import decay_groups
 
 log = logging.getLogger(__name__)
 
@@ -184,10 +185,7 @@ def train_lm(model: nn.Module, windows, out: str | os.PathLike, steps: int = 100
     if tk is not None:
         tk.save(out / "tokenizer.json")
     model.to(device).train()
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95))
+    opt = torch.optim.AdamW(decay_groups(model, weight_decay), lr=lr, betas=(0.9, 0.95))
 
     def lr_at(s):
         if s < warmup:
