@@ -241,5 +241,5 @@ print(matplotlib.get_backend(), len(plt.get_fignums()), sorted(name + ".png" for
     src = Path(__file__).resolve().parents[1] / "src"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={"PYTHONPATH": str(src), "PATH": "/usr/bin:/bin", "MPLBACKEND": ""})
-    assert out.stdout.split() == ["pdf", "0", "['collapse.png',", "'diversity.png',", "'speed.png']"]
-    assert all((tmp_path / n).stat().st_size > 1000 for n in ("collapse.png", "diversity.png", "speed.png"))
+    assert out.stdout.split() == ["pdf", "0", "['collapse.png',", "'diversity.png',", "'layers.png',", "'speed.png']"]
+    assert all((tmp_path / n).stat().st_size > 1000 for n in ("collapse.png", "diversity.png", "layers.png", "speed.png"))
