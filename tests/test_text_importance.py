@@ -338,3 +338,18 @@ def test_revert_with_model_t_as_the_source_under_the_adapter(windows, models):
         clean = m_to(x)
     assert by_model.shape == (5, windows.tokenizer.vocab_size)
     assert torch.equal(by_model, by_tensor) and not torch.equal(by_model, clean)
+
+
+def test_a_text_study_without_held_out_windows_is_told_what_evaluate_importance_will_measure(caplog):
+    # text: evaluate-importance still runs (training occurrences only); images: it cannot, and is warned
+    import logging
+    from types import SimpleNamespace
+
+    from conceptevo.config import DataConfig
+    from conceptevo.preflight import check_test_split
+
+    data = DataConfig(kind="text", corpus="generated", context=32, pool=50, seed=0)
+    with caplog.at_level(logging.INFO):
+        assert check_test_split(SimpleNamespace(data=data)) is None
+    assert "training windows only" in caplog.text and "holdout = 0.2" in caplog.text
+    assert "will not be possible" not in caplog.text

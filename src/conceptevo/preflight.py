@@ -251,6 +251,11 @@ def check_test_split(config) -> dict | None:
     try:
         test = open_study_dataset(data, "test")
     except DatasetError as e:
+        if data.kind == "text":  # text: evaluate-importance measures the training occurrences and says so
+            log.info("no held-out windows (%s): evaluate-importance will measure its targets on the pool's training "
+                     "windows only; set [data] holdout = 0.2 to hold out a seeded fifth of the windows (before the "
+                     "stimuli are computed)", str(e).split(";")[0])
+            return None
         log.warning("no test split (%s): evaluate-importance will not be possible, as it measures accuracy on "
                     "held-out images; add one, or set [data] holdout = 0.2 to hold out a seeded fifth of the "
                     "training images (before the stimuli are computed)", str(e).split(";")[0])
