@@ -41,6 +41,20 @@ class TinyRes(nn.Module):
         return self.fc(h.mean(dim=(2, 3)))
 
 
+#: Debian's Chromium for the browser tests (they skip cleanly without it), started headless and offline
+CHROMIUM = os.environ.get("CONCEPTEVO_CHROMIUM", "/usr/bin/chromium")
+BROWSER_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                "--disable-component-update", "--no-first-run"]
+
+
+def launch_chromium(pw):
+    """``pw.chromium`` launched on :data:`CHROMIUM`; the test is skipped where the browser does not start."""
+    try:
+        return pw.chromium.launch(executable_path=CHROMIUM, args=BROWSER_ARGS)
+    except Exception as e:  # pragma: no cover - a broken browser install
+        pytest.skip(f"Chromium does not start: {e}")
+
+
 class TensorImages(torch.utils.data.Dataset):
     """In-memory images returning (image, label, index)."""
 
@@ -54,6 +68,15 @@ class TensorImages(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         return self.images[i], int(self.targets[i]), i
+
+
+def bright_top_half(n: int, seed: int = 0) -> TensorImages:
+    """``n`` dim 28x28 images in two classes, alternating; class 1 has a bright top half (learnable in a few steps)."""
+    g = torch.Generator().manual_seed(seed)
+    y = np.arange(n) % 2
+    x = torch.rand(n, 1, 28, 28, generator=g) * 0.2
+    x[y == 1, :, :14] += 0.8
+    return TensorImages(x, y)
 
 
 @pytest.fixture

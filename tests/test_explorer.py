@@ -23,9 +23,7 @@ from conceptevo.errors import ConceptEvoError
 from conceptevo.explorer import ExplorerData, export_site, make_server, page_html
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts"
-CHROMIUM = os.environ.get("CONCEPTEVO_CHROMIUM", "/usr/bin/chromium")
-BROWSER_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                "--disable-component-update", "--no-first-run"]
+from conftest import CHROMIUM, launch_chromium
 
 
 pytestmark = pytest.mark.usefixtures("one_thread_module")  # tiny models: one torch thread
@@ -471,11 +469,10 @@ def _browser():
     sync_api = pytest.importorskip("playwright.sync_api")
     pw = sync_api.sync_playwright().start()
     try:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=BROWSER_ARGS)
-    except Exception as e:  # pragma: no cover - a broken browser install
+        return pw, launch_chromium(pw)
+    except BaseException:  # the skip of a browser that does not start
         pw.stop()
-        pytest.skip(f"Chromium does not start: {e}")
-    return pw, browser
+        raise
 
 
 @pytest.fixture(scope="module")

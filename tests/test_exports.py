@@ -8,7 +8,6 @@ from __future__ import annotations
 import io
 import json
 import math
-import os
 import re
 import shutil
 import socket
@@ -32,9 +31,7 @@ from conceptevo.errors import ConceptEvoError
 from conceptevo.workspace import Workspace
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts"
-CHROMIUM = os.environ.get("CONCEPTEVO_CHROMIUM", "/usr/bin/chromium")
-BROWSER_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                "--disable-component-update", "--no-first-run"]
+from conftest import CHROMIUM, launch_chromium
 
 pytestmark = pytest.mark.usefixtures("one_thread_module")
 
@@ -379,10 +376,7 @@ def test_tensorboard_projector_in_a_browser(study, tb_export, tensorboard_server
         pytest.skip(f"no Chromium at {CHROMIUM}")
     sync_api = pytest.importorskip("playwright.sync_api")
     with sync_api.sync_playwright() as pw:
-        try:
-            browser = pw.chromium.launch(executable_path=CHROMIUM, args=BROWSER_ARGS)
-        except Exception as e:  # pragma: no cover - a broken browser install
-            pytest.skip(f"Chromium does not start: {e}")
+        browser = launch_chromium(pw)
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 900})
             errors, outside = [], []

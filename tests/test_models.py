@@ -117,13 +117,9 @@ def test_list_checkpoints_natural_order(tmp_path):
 
 
 def test_train_saves_checkpoints_with_accuracy(tmp_path):
-    from conftest import TensorImages
+    from conftest import bright_top_half
 
-    g = torch.Generator().manual_seed(0)
-    y = np.arange(512) % 2
-    x = torch.rand(512, 1, 28, 28, generator=g) * 0.2
-    x[y == 1, :, :14] += 0.8  # class 1: bright top half
-    ds = TensorImages(x, y)
+    ds = bright_top_half(512)
     m = build_model("vgg_like", num_classes=2, width=4)
     cks = train(m, ds, ds, tmp_path, TrainConfig(epochs=4, lr=0.05, batch_size=32, first_epoch_checkpoints=2, eval_images=128), progress=False)
     assert [c.tag for c in cks] == ["e0.5", "e1", "e2", "e3", "e4"]

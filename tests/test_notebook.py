@@ -185,9 +185,7 @@ def test_explore_serves_in_the_background_by_itself_inside_a_jupyter_kernel(tmp_
     assert _in_notebook() is False
 
 
-CHROMIUM = os.environ.get("CONCEPTEVO_CHROMIUM", "/usr/bin/chromium")
-BROWSER_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                "--disable-component-update", "--no-first-run"]
+from conftest import CHROMIUM, launch_chromium
 
 
 def test_the_inline_explorer_loads_in_a_frame_of_another_loopback_page(tmp_path_factory, tmp_path):
@@ -217,10 +215,7 @@ def test_the_inline_explorer_loads_in_a_frame_of_another_loopback_page(tmp_path_
     nb_url = f"http://127.0.0.1:{notebook.server_address[1]}/"
     try:
         with sync_api.sync_playwright() as pw:
-            try:
-                browser = pw.chromium.launch(executable_path=CHROMIUM, args=BROWSER_ARGS)
-            except Exception as e:  # pragma: no cover - a broken browser install
-                pytest.skip(f"Chromium does not start: {e}")
+            browser = launch_chromium(pw)
             try:
                 page = browser.new_page()
                 page.goto(nb_url + "nb.html")

@@ -54,13 +54,9 @@ def test_token_patch_is_the_patch_each_token_embeds():
 
 
 def test_trains_with_the_cnn_checkpoint_schedule(tmp_path):
-    from conftest import TensorImages
+    from conftest import bright_top_half
 
-    g = torch.Generator().manual_seed(0)
-    y = np.arange(256) % 2
-    x = torch.rand(256, 1, 28, 28, generator=g) * 0.2
-    x[y == 1, :, :14] += 0.8  # class 1: bright top half
-    ds = TensorImages(x, y)
+    ds = bright_top_half(256)
     model = build_model("vit_tiny", num_classes=2, dim=32, depth=2, heads=2, mlp=64, seed=0)
     cks = train(model, ds, ds, tmp_path, TrainConfig(epochs=3, lr=0.05, batch_size=32, first_epoch_checkpoints=2,
                                                      eval_images=128), progress=False)
@@ -68,7 +64,7 @@ def test_trains_with_the_cnn_checkpoint_schedule(tmp_path):
     assert cks[-1].metrics["train_top1"] > 0.9
     listed = list_checkpoints(tmp_path)
     again = load_checkpoint(listed[-1].path, build_model("vit_tiny", num_classes=2, dim=32, depth=2, heads=2, mlp=64))
-    xb = x[:8]
+    xb = ds.images[:8]
     with torch.no_grad():
         assert torch.equal(again.eval()(xb), model.eval()(xb))
 
