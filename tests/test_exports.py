@@ -454,10 +454,18 @@ class OfflineRun:
     def __init__(self, folder):
         folder = Path(folder)
         (log,) = folder.glob("run-*.wandb")
-        # wandb's core process may still be appending the last records just after run.finish() returns
+        # wandb's core process may still be appending the last records just after run.finish() returns; a record
+        # read half-written fails its checksum: read again until the exit record is there (every checksum is still
+        # verified on the read that is kept, and a bad one that persists past the deadline fails the test)
         deadline = time.monotonic() + 30
         while True:
-            records = _wandb_records(log)
+            try:
+                records = _wandb_records(log)
+            except AssertionError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+                continue
             if any(r.WhichOneof("record_type") == "exit" for r in records) or time.monotonic() > deadline:
                 break
             time.sleep(0.2)
